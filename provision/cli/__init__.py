@@ -1,0 +1,52 @@
+"""The command line. The only place that prints errors or exits."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from provision.errors import ProvisionError, ValidationError
+
+
+def main() -> None:
+    from provision.cli.main import cli
+
+    debug = "--debug" in sys.argv[1:]
+    try:
+        cli.main(standalone_mode=False, prog_name="provision")
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except ValidationError as exc:
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        _report(exc, debug)
+    except ProvisionError as exc:
+        _report(exc, debug)
+    except Exception:
+        if debug:
+            raise
+        logging.getLogger("provision").exception("internal error")
+        click.echo("error: internal error (run with --debug for the traceback)", err=True)
+        sys.exit(2)
+
+
+def _report(exc: ProvisionError, debug: bool) -> None:
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    click.echo(f"error: {exc.message}", err=True)
+    if exc.hint:
+        click.echo(f"hint: {exc.hint}", err=True)
+    sys.exit(1)

@@ -1,0 +1,547 @@
+"""The site inventory: an Ansible inventory read with Ansible's own machinery.
+
+Racks are the groups named ``rack_<name>`` (``rack_r1`` is rack ``r1``); every
+host in a rack group is a node. Variable precedence (group_vars, host_vars,
+child groups) is exactly Ansible's because Ansible computes it, and values may
+be Jinja templates, rendered by Ansible's templar. The result is a frozen
+``Site`` of ``Rack``s and ``Node``s plus the problems found while reading.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import netaddr
+from ClusterShell.NodeSet import NodeSet, NodeSetParseError
+
+from provision.catalog import known_images
+from provision.errors import InventoryError, ValidationError
+
+RACK_PREFIX = "rack_"
+DEFAULT_PASSWORD_ENV = "PROVISION_BMC_PASSWORD"
+# RFC 952 as relaxed by RFC 1123: letters, digits, hyphens; no leading or
+# trailing hyphen; labels up to 63 characters.
+_HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+class BmcProtocol(StrEnum):
+    IPMI = "ipmi"
+    REDFISH = "redfish"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the inventory, for one node (or the site)."""
+
+    node: str
+    field: str
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.node}: {self.field}: {self.message}; fix: {self.fix}"
+
+
+class Secret:
+    """A value resolved only when revealed; its repr never shows it."""
+
+    __slots__ = ("_resolve", "source")
+
+    def __init__(self, source: str, resolve: Callable[[], str]) -> None:
+        self.source = source
+        self._resolve = resolve
+
+    def reveal(self) -> str:
+        return self._resolve()
+
+    def __repr__(self) -> str:
+        return f"Secret(source={self.source!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other.source == self.source
+
+    def __hash__(self) -> int:
+        return hash(self.source)
+
+
+@dataclass(frozen=True)
+class Bmc:
+    address: str
+    user: str
+    password: Secret = field(repr=False)
+    port: int = 623
+    protocol: BmcProtocol = BmcProtocol.IPMI
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    rack: str
+    mac: str
+    ip: str
+    image: str | None
+    bmc: Bmc | None
+    groups: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-safe view: no secret, not even where it comes from."""
+        bmc = None
+        if self.bmc is not None:
+            bmc = {
+                "address": self.bmc.address,
+                "port": self.bmc.port,
+                "user": self.bmc.user,
+                "protocol": str(self.bmc.protocol),
+            }
+        return {
+            "name": self.name,
+            "rack": self.rack,
+            "mac": self.mac,
+            "ip": self.ip,
+            "image": self.image,
+            "bmc": bmc,
+            "groups": list(self.groups),
+        }
+
+
+@dataclass(frozen=True)
+class Rack:
+    name: str
+    nodes: tuple[Node, ...]
+
+
+@dataclass(frozen=True)
+class Site:
+    path: Path
+    racks: tuple[Rack, ...]
+    network: str | None
+    default_image: str | None
+    state_dir: Path
+    images: frozenset[str]
+    problems: tuple[Problem, ...] = ()
+    group_vars: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def nodes(self) -> tuple[Node, ...]:
+        return tuple(n for r in self.racks for n in r.nodes)
+
+    def rack(self, name: str) -> Rack:
+        wanted = name.removeprefix(RACK_PREFIX)
+        for rack in self.racks:
+            if rack.name == wanted:
+                return rack
+        known = ", ".join(r.name for r in self.racks) or "none"
+        raise InventoryError(
+            f"--rack: unknown rack {name!r} (racks: {known})",
+            hint=f"racks are the inventory groups named {RACK_PREFIX}<name>",
+        )
+
+    def select(
+        self, *, rack: str | None = None, nodes: str | None = None, all_nodes: bool = False
+    ) -> tuple[Node, ...]:
+        """Nodes chosen by --rack, --nodes (a nodeset) and/or --all."""
+        if not (rack or nodes or all_nodes):
+            raise InventoryError(
+                "no nodes selected", hint="choose nodes with --rack r1, --nodes cn[01-04] or --all"
+            )
+        chosen = list(self.nodes)
+        if rack:
+            chosen = list(self.rack(rack).nodes)
+        if nodes:
+            try:
+                wanted = NodeSet(nodes)
+            except NodeSetParseError as exc:
+                raise InventoryError(
+                    f"--nodes: {nodes!r} is not a nodeset ({exc})",
+                    hint="write a nodeset such as cn[01-04],gpu01",
+                ) from exc
+            names = {n.name for n in self.nodes}
+            unknown = [n for n in wanted if n not in names]
+            if unknown:
+                raise InventoryError(
+                    f"--nodes: not in the inventory: {NodeSet.fromlist(unknown)}",
+                    hint="`provision node list --all` shows the inventory's nodes",
+                )
+            chosen = [n for n in chosen if n.name in wanted]
+        if not chosen:
+            raise InventoryError("the selection matches no node", hint="check --rack and --nodes")
+        return tuple(chosen)
+
+    def problems_for(self, selected: Iterable[Node]) -> list[Problem]:
+        names = {n.name for n in selected} | {"site"}
+        return [p for p in self.problems if p.node in names]
+
+    def require_valid(self, selected: Iterable[Node]) -> None:
+        problems = self.problems_for(selected)
+        if problems:
+            raise ValidationError(problems)
+
+
+# --------------------------------------------------------------------------
+# Reading the inventory with Ansible
+
+
+class _Recorder:
+    """Stands in for Ansible's Display while parsing, to keep its messages."""
+
+    def __init__(self) -> None:
+        self.failures: list[BaseException] = []
+        self.warnings: list[str] = []
+
+    def error_as_warning(self, msg: str, exception: BaseException, **_: Any) -> None:
+        self.failures.append(exception)
+
+    def warning(self, msg: str, *_: Any, **__: Any) -> None:
+        self.warnings.append(msg)
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *a, **k: None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = getattr(exc, "message", None) or str(exc)
+    return str(text).strip().splitlines()[0] if str(text).strip() else type(exc).__name__
+
+
+def _origin(value: object) -> str | None:
+    """The file a value came from, per Ansible's data tags."""
+    from ansible._internal._datatag._tags import Origin
+
+    origin = Origin.get_tag(value)
+    return origin.path if origin and origin.path else None
+
+
+def _vault_secrets(vault_password_file: str | None) -> list[Any]:
+    from ansible.parsing.vault import VaultSecretsContext, get_file_vault_secret
+
+    path = vault_password_file or os.environ.get("ANSIBLE_VAULT_PASSWORD_FILE")
+    secrets: list[Any] = []
+    if path:
+        if not Path(path).is_file():
+            raise InventoryError(
+                f"vault password file {path} does not exist",
+                hint="pass --vault-password-file or set ANSIBLE_VAULT_PASSWORD_FILE",
+            )
+        from ansible.parsing.dataloader import DataLoader
+
+        secret = get_file_vault_secret(filename=path, loader=DataLoader())
+        secret.load()
+        secrets.append(("default", secret))
+    if VaultSecretsContext.current(optional=True) is None:
+        VaultSecretsContext.initialize(VaultSecretsContext(secrets))
+    else:
+        VaultSecretsContext.current().secrets[:] = secrets
+    return secrets
+
+
+def _read_ansible(path: Path, vault_password_file: str | None) -> tuple[Any, Any, Any]:
+    """Parse the inventory; returns (loader, inventory manager, variable manager)."""
+    from ansible import constants as C
+    from ansible.errors import AnsibleError
+    from ansible.inventory import manager as inventory_manager
+    from ansible.inventory.manager import InventoryManager
+    from ansible.parsing.dataloader import DataLoader
+    from ansible.vars.manager import VariableManager
+
+    C.INVENTORY_ANY_UNPARSED_IS_FAILED = True
+    C.INVENTORY_UNPARSED_IS_FAILED = True
+    loader = DataLoader()
+    loader.set_vault_secrets(_vault_secrets(vault_password_file))
+    recorder = _Recorder()
+    saved_display = inventory_manager.display
+    inventory_manager.display = recorder  # type: ignore[assignment]
+    try:
+        inventory = InventoryManager(loader=loader, sources=[str(path)])
+    except AnsibleError as exc:
+        cause = recorder.failures[-1] if recorder.failures else exc
+        raise InventoryError(
+            f"{path}: cannot parse: {_first_line(cause)}",
+            hint="fix the YAML (an Ansible inventory); `ansible-inventory -i PATH --list` shows the same error",
+        ) from exc
+    finally:
+        inventory_manager.display = saved_display
+    return loader, inventory, VariableManager(loader=loader, inventory=inventory)
+
+
+def load(path: str | os.PathLike[str], *, vault_password_file: str | None = None) -> Site:
+    """Read a site inventory (a directory or a YAML file) into a Site."""
+    from ansible.errors import AnsibleError
+    from ansible.template import Templar
+
+    site_path = Path(path)
+    if not site_path.exists():
+        raise InventoryError(
+            f"inventory {site_path} does not exist",
+            hint="pass --inventory PATH (a directory with hosts.yml and group_vars/)",
+        )
+    loader, inventory, variables = _read_ansible(site_path, vault_password_file)
+    base_dir = site_path if site_path.is_dir() else site_path.parent
+
+    try:
+        from ansible.vars.plugins import get_vars_from_inventory_sources
+
+        all_group = inventory.groups["all"]
+        all_vars = all_group.get_vars() | get_vars_from_inventory_sources(
+            loader, [str(site_path)], [all_group], "task"
+        )
+        site_vars = Templar(loader=loader, variables=all_vars)
+        group_vars = {k: v for k, v in all_vars.items() if not k.startswith("provision_bmc_password")}
+        hosts: list[tuple[str, str, dict[str, Any], Any]] = []
+        problems: list[Problem] = []
+        for group_name in sorted(inventory.groups):
+            if not group_name.startswith(RACK_PREFIX):
+                continue
+            for host in inventory.groups[group_name].get_hosts():
+                hv = variables.get_vars(host=host, include_hostvars=False)
+                hosts.append((group_name.removeprefix(RACK_PREFIX), host.name, hv, Templar(loader=loader, variables=hv)))
+    except AnsibleError as exc:
+        raise InventoryError(
+            f"{site_path}: cannot read variables: {_first_line(exc)}",
+            hint="check group_vars/ and host_vars/ (YAML, and the vault password if vaulted)",
+        ) from exc
+
+    def render(templar: Any, value: Any) -> Any:
+        return templar.template(value) if isinstance(value, str) else value
+
+    try:
+        network = render(site_vars, all_vars.get("provision_network"))
+        default_image = render(site_vars, all_vars.get("provision_default_image"))
+        state_dir_raw = os.environ.get("PROVISION_STATE_DIR") or render(
+            site_vars, all_vars.get("provision_state_dir")
+        )
+        image_dir_raw = render(site_vars, all_vars.get("provision_images_dir"))
+    except AnsibleError as exc:
+        raise InventoryError(f"{site_path}: group_vars: {_first_line(exc)}", hint="fix the template") from exc
+
+    state_dir = Path(state_dir_raw) if state_dir_raw else base_dir / ".state"
+    if not state_dir.is_absolute():
+        state_dir = (base_dir / state_dir).resolve()
+    images_dir = Path(image_dir_raw) if image_dir_raw else None
+    if images_dir is not None and not images_dir.is_absolute():
+        images_dir = (base_dir / images_dir).resolve()
+    images = known_images(images_dir)
+
+    rack_of: dict[str, list[str]] = {}
+    racks: dict[str, list[Node]] = {}
+    for rack_name, name, hv, templar in hosts:
+        rack_of.setdefault(name, []).append(rack_name)
+        racks.setdefault(rack_name, [])
+        if len(rack_of[name]) > 1:
+            continue
+        node, node_problems = _make_node(rack_name, name, hv, templar, images, default_image)
+        problems.extend(node_problems)
+        racks[rack_name].append(node)
+
+    problems.extend(_site_problems(list(n for ns in racks.values() for n in ns), network, rack_of))
+    return Site(
+        path=site_path,
+        racks=tuple(Rack(r, tuple(ns)) for r, ns in racks.items()),
+        network=str(network) if network else None,
+        default_image=str(default_image) if default_image else None,
+        state_dir=state_dir,
+        images=images,
+        problems=tuple(problems),
+        group_vars=group_vars,
+    )
+
+
+def _make_node(
+    rack: str,
+    name: str,
+    hv: dict[str, Any],
+    templar: Any,
+    images: frozenset[str],
+    default_image: str | None,
+) -> tuple[Node, list[Problem]]:
+    from ansible.errors import AnsibleError
+
+    problems: list[Problem] = []
+
+    def get(key: str, default: Any = None) -> Any:
+        value = hv.get(key, default)
+        if not isinstance(value, str):
+            return value
+        try:
+            return templar.template(value)
+        except AnsibleError as exc:
+            problems.append(Problem(name, key, f"template failed: {_first_line(exc)}", "fix the Jinja expression"))
+            return None
+
+    if not all(_HOSTNAME_LABEL.match(label) for label in name.split(".")) or name[0].isdigit():
+        problems.append(
+            Problem(
+                name,
+                "hostname",
+                f"{name!r} is not a valid DHCP/DNS host name (RFC 952)",
+                "use letters, digits and inner hyphens only, starting with a letter",
+            )
+        )
+
+    mac_raw = get("provision_mac")
+    mac = str(mac_raw or "")
+    if not mac_raw:
+        problems.append(Problem(name, "provision_mac", "missing", "set the provisioning NIC's MAC address"))
+    else:
+        try:
+            mac = str(netaddr.EUI(str(mac_raw), dialect=netaddr.mac_unix_expanded))
+        except (netaddr.AddrFormatError, TypeError):
+            problems.append(
+                Problem(name, "provision_mac", f"{mac_raw!r} is not a MAC address", "write six hex pairs, e.g. 52:54:00:12:34:56")
+            )
+
+    ip_raw = get("provision_ip")
+    ip = str(ip_raw or "")
+    if not ip_raw:
+        problems.append(Problem(name, "provision_ip", "missing", "set the node's address on the provisioning network"))
+    else:
+        try:
+            ip = str(netaddr.IPAddress(str(ip_raw)))
+        except (netaddr.AddrFormatError, ValueError, TypeError):
+            problems.append(Problem(name, "provision_ip", f"{ip_raw!r} is not an IP address", "write an address such as 10.10.1.11"))
+
+    network = get("provision_network")
+    if ip and network and not problems_for(problems, "provision_ip"):
+        problems.extend(_subnet_problems(name, ip, network))
+
+    image = get("provision_image", default_image)
+    image = str(image) if image else None
+    if image and image not in images:
+        known = ", ".join(sorted(images)) or "none"
+        problems.append(
+            Problem(name, "provision_image", f"unknown image {image!r} (known: {known})", "name an image defined under images/")
+        )
+
+    bmc = None
+    address = get("provision_bmc_address")
+    user = get("provision_bmc_user")
+    port_raw = get("provision_bmc_port", 623)
+    protocol_raw = get("provision_bmc_protocol", "ipmi")
+    if not address:
+        problems.append(Problem(name, "provision_bmc_address", "missing", "set the BMC's address (host or IP)"))
+    if not user:
+        problems.append(Problem(name, "provision_bmc_user", "missing", "set the BMC user name"))
+    try:
+        port = int(port_raw)
+        if not 0 < port < 65536:
+            raise ValueError
+    except (TypeError, ValueError):
+        port = 623
+        problems.append(Problem(name, "provision_bmc_port", f"{port_raw!r} is not a port", "use 1-65535 (IPMI: 623)"))
+    try:
+        protocol = BmcProtocol(str(protocol_raw).lower())
+    except ValueError:
+        protocol = BmcProtocol.IPMI
+        problems.append(
+            Problem(name, "provision_bmc_protocol", f"unknown protocol {protocol_raw!r}", "use one of: ipmi, redfish")
+        )
+    password, password_problem = _password(name, hv, templar)
+    if password_problem:
+        problems.append(password_problem)
+    if address and user:
+        bmc = Bmc(address=str(address), user=str(user), password=password, port=port, protocol=protocol)
+
+    groups = tuple(sorted(g for g in hv.get("group_names", ()) if not g.startswith(RACK_PREFIX)))
+    node = Node(name=name, rack=rack, mac=mac, ip=ip, image=image, bmc=bmc, groups=groups)
+    return node, problems
+
+
+def _password(name: str, hv: dict[str, Any], templar: Any) -> tuple[Secret, Problem | None]:
+    """The BMC password: a vaulted variable, else an environment variable."""
+    from ansible.parsing.vault import EncryptedString, VaultHelper
+
+    value = hv.get("provision_bmc_password")
+    if value is not None:
+        vaulted = isinstance(value, EncryptedString) or VaultHelper.get_ciphertext(value, with_tags=False)
+        origin = _origin(value)
+        if not vaulted and origin and not _is_vault_file(origin):
+            return Secret("plain", lambda: ""), Problem(
+                name,
+                "provision_bmc_password",
+                f"stored in plain text in {origin}",
+                "encrypt it (ansible-vault encrypt_string) or use the environment variable named by provision_bmc_password_env",
+            )
+
+        def from_vault() -> str:
+            return str(templar.template(value))
+
+        return Secret("vault", from_vault), None
+
+    env_name = str(hv.get("provision_bmc_password_env") or DEFAULT_PASSWORD_ENV)
+
+    def from_env() -> str:
+        from provision.errors import BmcError
+
+        secret = os.environ.get(env_name)
+        if not secret:
+            raise BmcError(
+                f"{name}: BMC password not set (environment variable {env_name} is empty)",
+                hint=f"export {env_name}, or set provision_bmc_password in a vault file",
+            )
+        return secret
+
+    return Secret(f"env:{env_name}", from_env), None
+
+
+def _is_vault_file(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(14) == b"$ANSIBLE_VAULT"
+    except OSError:
+        return False
+
+
+def _site_problems(nodes: list[Node], network: Any, rack_of: dict[str, list[str]]) -> list[Problem]:
+    problems: list[Problem] = []
+    for name, racks in rack_of.items():
+        if len(racks) > 1:
+            problems.append(
+                Problem(name, "hostname", f"listed in more than one rack: {', '.join(racks)}", "keep each node in one rack group")
+            )
+    lower = Counter(n.name.lower() for n in nodes)
+    for node in nodes:
+        if lower[node.name.lower()] > 1 and node.name != node.name.lower():
+            problems.append(
+                Problem(node.name, "hostname", "duplicates another node's name (DNS names ignore case)", "rename one of them")
+            )
+
+    def duplicates(attr: str, field_name: str) -> None:
+        seen: dict[str, str] = {}
+        for node in nodes:
+            value = getattr(node, attr)
+            if not value:
+                continue
+            if value in seen:
+                problems.append(
+                    Problem(node.name, field_name, f"{value} is already used by {seen[value]}", "give each node its own")
+                )
+            else:
+                seen[value] = node.name
+
+    duplicates("mac", "provision_mac")
+    duplicates("ip", "provision_ip")
+
+    if not network:
+        problems.append(Problem("site", "provision_network", "missing", "set the provisioning subnet (CIDR) in group_vars/all"))
+    return problems
+
+
+def problems_for(problems: list[Problem], field_name: str) -> bool:
+    return any(p.field == field_name for p in problems)
+
+
+def _subnet_problems(name: str, ip: str, network: Any) -> list[Problem]:
+    try:
+        subnet = netaddr.IPNetwork(str(network))
+    except (netaddr.AddrFormatError, ValueError):
+        return [Problem(name, "provision_network", f"{network!r} is not a CIDR", "write e.g. 10.10.0.0/16")]
+    address = netaddr.IPAddress(ip)
+    if address not in subnet or (subnet.size > 2 and address in (subnet.network, subnet.broadcast)):
+        return [Problem(name, "provision_ip", f"{ip} is outside the provisioning subnet {subnet}", f"use a host address in {subnet}")]
+    return []

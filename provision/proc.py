@@ -1,0 +1,73 @@
+"""The one door to subprocesses.
+
+argv is always a list, the environment starts clean (plus what the caller
+passes), the command is logged only at debug level, and a failure raises
+CommandError once. Secrets go through ``env`` or ``input``, never argv.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from provision.errors import CommandError
+
+log = logging.getLogger(__name__)
+
+_BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "TERM", "TMPDIR", "USER")
+
+
+def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: os.environ[k] for k in _BASE_ENV_KEYS if k in os.environ}
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    env.setdefault("LANG", "C.UTF-8")
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    input: str | bytes | None = None,
+    capture: bool = True,
+    check: bool = True,
+    timeout: float | None = None,
+    hint: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run argv; return the completed process or raise CommandError."""
+    args = [os.fspath(a) for a in argv]
+    log.debug("run: %s", shlex.join(args))
+    text_input = input.decode() if isinstance(input, bytes) else input
+    try:
+        proc = subprocess.run(
+            args,
+            env=base_env(env),
+            cwd=Path(cwd) if cwd else None,
+            input=text_input,
+            stdin=None if text_input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if capture else None,
+            stderr=subprocess.PIPE if capture else None,
+            text=True,
+            check=False,
+            timeout=timeout,
+        )
+    except FileNotFoundError as exc:
+        raise CommandError(
+            f"{args[0]}: command not found",
+            hint=hint or f"install the package that provides {args[0]} (see README)",
+        ) from exc
+    except subprocess.TimeoutExpired as exc:
+        raise CommandError(f"{args[0]}: timed out after {timeout} s", hint=hint) from exc
+    if check and proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
+        detail = ": " + " | ".join(tail) if tail else ""
+        log.debug("failed (%d): %s", proc.returncode, shlex.join(args))
+        raise CommandError(f"{args[0]} exited {proc.returncode}{detail}", hint=hint)
+    return proc
