@@ -71,3 +71,28 @@ def run(
         log.debug("failed (%d): %s", proc.returncode, shlex.join(args))
         raise CommandError(f"{args[0]} exited {proc.returncode}{detail}", hint=hint)
     return proc
+
+
+def spawn(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    log_path: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a long-running process in its own session, output to log_path."""
+    args = [os.fspath(a) for a in argv]
+    log.debug("spawn: %s", shlex.join(args))
+    with open(log_path, "ab") as out:
+        try:
+            return subprocess.Popen(
+                args,
+                env=base_env(env),
+                cwd=Path(cwd) if cwd else None,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            raise CommandError(f"{args[0]}: command not found", hint="see README for the Debian packages") from exc
