@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class ProvisionError(Exception):
     """An error an operator can act on: a message and a hint for the fix."""
@@ -22,8 +24,8 @@ class InventoryError(ProvisionError):
 class ValidationError(InventoryError):
     """The inventory was read but breaks one or more rules."""
 
-    def __init__(self, problems: list[object]) -> None:
-        self.problems = problems
+    def __init__(self, problems: Sequence[object]) -> None:
+        self.problems = list(problems)
         count = len(problems)
         super().__init__(
             f"inventory has {count} problem{'s' if count != 1 else ''}",

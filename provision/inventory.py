@@ -143,14 +143,10 @@ class Site:
             hint=f"racks are the inventory groups named {RACK_PREFIX}<name>",
         )
 
-    def select(
-        self, *, rack: str | None = None, nodes: str | None = None, all_nodes: bool = False
-    ) -> tuple[Node, ...]:
+    def select(self, *, rack: str | None = None, nodes: str | None = None, all_nodes: bool = False) -> tuple[Node, ...]:
         """Nodes chosen by --rack, --nodes (a nodeset) and/or --all."""
         if not (rack or nodes or all_nodes):
-            raise InventoryError(
-                "no nodes selected", hint="choose nodes with --rack r1, --nodes cn[01-04] or --all"
-            )
+            raise InventoryError("no nodes selected", hint="choose nodes with --rack r1, --nodes cn[01-04] or --all")
         chosen = list(self.nodes)
         if rack:
             chosen = list(self.rack(rack).nodes)
@@ -256,7 +252,7 @@ def _read_ansible(path: Path, vault_password_file: str | None) -> tuple[Any, Any
     loader.set_vault_secrets(_vault_secrets(vault_password_file))
     recorder = _Recorder()
     saved_display = inventory_manager.display
-    inventory_manager.display = recorder  # type: ignore[assignment]
+    inventory_manager.display = recorder
     try:
         inventory = InventoryManager(loader=loader, sources=[str(path)])
     except AnsibleError as exc:
@@ -288,9 +284,7 @@ def load(path: str | os.PathLike[str], *, vault_password_file: str | None = None
         from ansible.vars.plugins import get_vars_from_inventory_sources
 
         all_group = inventory.groups["all"]
-        all_vars = all_group.get_vars() | get_vars_from_inventory_sources(
-            loader, [str(site_path)], [all_group], "task"
-        )
+        all_vars = all_group.get_vars() | get_vars_from_inventory_sources(loader, [str(site_path)], [all_group], "task")
         site_vars = Templar(loader=loader, variables=all_vars)
         group_vars = {k: v for k, v in all_vars.items() if not k.startswith("provision_bmc_password")}
         hosts: list[tuple[str, str, dict[str, Any], Any]] = []
@@ -300,7 +294,9 @@ def load(path: str | os.PathLike[str], *, vault_password_file: str | None = None
                 continue
             for host in inventory.groups[group_name].get_hosts():
                 hv = variables.get_vars(host=host, include_hostvars=False)
-                hosts.append((group_name.removeprefix(RACK_PREFIX), host.name, hv, Templar(loader=loader, variables=hv)))
+                hosts.append(
+                    (group_name.removeprefix(RACK_PREFIX), host.name, hv, Templar(loader=loader, variables=hv))
+                )
     except AnsibleError as exc:
         raise InventoryError(
             f"{site_path}: cannot read variables: {_first_line(exc)}",
@@ -313,9 +309,7 @@ def load(path: str | os.PathLike[str], *, vault_password_file: str | None = None
     try:
         network = render(site_vars, all_vars.get("provision_network"))
         default_image = render(site_vars, all_vars.get("provision_default_image"))
-        state_dir_raw = os.environ.get("PROVISION_STATE_DIR") or render(
-            site_vars, all_vars.get("provision_state_dir")
-        )
+        state_dir_raw = os.environ.get("PROVISION_STATE_DIR") or render(site_vars, all_vars.get("provision_state_dir"))
         image_dir_raw = render(site_vars, all_vars.get("provision_images_dir"))
     except AnsibleError as exc:
         raise InventoryError(f"{site_path}: group_vars: {_first_line(exc)}", hint="fix the template") from exc
@@ -393,7 +387,12 @@ def _make_node(
             mac = str(netaddr.EUI(str(mac_raw), dialect=netaddr.mac_unix_expanded))
         except (netaddr.AddrFormatError, TypeError):
             problems.append(
-                Problem(name, "provision_mac", f"{mac_raw!r} is not a MAC address", "write six hex pairs, e.g. 52:54:00:12:34:56")
+                Problem(
+                    name,
+                    "provision_mac",
+                    f"{mac_raw!r} is not a MAC address",
+                    "write six hex pairs, e.g. 52:54:00:12:34:56",
+                )
             )
 
     ip_raw = get("provision_ip")
@@ -404,7 +403,9 @@ def _make_node(
         try:
             ip = str(netaddr.IPAddress(str(ip_raw)))
         except (netaddr.AddrFormatError, ValueError, TypeError):
-            problems.append(Problem(name, "provision_ip", f"{ip_raw!r} is not an IP address", "write an address such as 10.10.1.11"))
+            problems.append(
+                Problem(name, "provision_ip", f"{ip_raw!r} is not an IP address", "write an address such as 10.10.1.11")
+            )
 
     network = get("provision_network")
     if ip and network and not problems_for(problems, "provision_ip"):
@@ -415,7 +416,12 @@ def _make_node(
     if image and image not in images:
         known = ", ".join(sorted(images)) or "none"
         problems.append(
-            Problem(name, "provision_image", f"unknown image {image!r} (known: {known})", "name an image defined under images/")
+            Problem(
+                name,
+                "provision_image",
+                f"unknown image {image!r} (known: {known})",
+                "name an image defined under images/",
+            )
         )
 
     bmc = None
@@ -502,13 +508,23 @@ def _site_problems(nodes: list[Node], network: Any, rack_of: dict[str, list[str]
     for name, racks in rack_of.items():
         if len(racks) > 1:
             problems.append(
-                Problem(name, "hostname", f"listed in more than one rack: {', '.join(racks)}", "keep each node in one rack group")
+                Problem(
+                    name,
+                    "hostname",
+                    f"listed in more than one rack: {', '.join(racks)}",
+                    "keep each node in one rack group",
+                )
             )
     lower = Counter(n.name.lower() for n in nodes)
     for node in nodes:
         if lower[node.name.lower()] > 1 and node.name != node.name.lower():
             problems.append(
-                Problem(node.name, "hostname", "duplicates another node's name (DNS names ignore case)", "rename one of them")
+                Problem(
+                    node.name,
+                    "hostname",
+                    "duplicates another node's name (DNS names ignore case)",
+                    "rename one of them",
+                )
             )
 
     def duplicates(attr: str, field_name: str) -> None:
@@ -519,7 +535,9 @@ def _site_problems(nodes: list[Node], network: Any, rack_of: dict[str, list[str]
                 continue
             if value in seen:
                 problems.append(
-                    Problem(node.name, field_name, f"{value} is already used by {seen[value]}", "give each node its own")
+                    Problem(
+                        node.name, field_name, f"{value} is already used by {seen[value]}", "give each node its own"
+                    )
                 )
             else:
                 seen[value] = node.name
@@ -528,7 +546,9 @@ def _site_problems(nodes: list[Node], network: Any, rack_of: dict[str, list[str]
     duplicates("ip", "provision_ip")
 
     if not network:
-        problems.append(Problem("site", "provision_network", "missing", "set the provisioning subnet (CIDR) in group_vars/all"))
+        problems.append(
+            Problem("site", "provision_network", "missing", "set the provisioning subnet (CIDR) in group_vars/all")
+        )
     return problems
 
 
@@ -543,5 +563,12 @@ def _subnet_problems(name: str, ip: str, network: Any) -> list[Problem]:
         return [Problem(name, "provision_network", f"{network!r} is not a CIDR", "write e.g. 10.10.0.0/16")]
     address = netaddr.IPAddress(ip)
     if address not in subnet or (subnet.size > 2 and address in (subnet.network, subnet.broadcast)):
-        return [Problem(name, "provision_ip", f"{ip} is outside the provisioning subnet {subnet}", f"use a host address in {subnet}")]
+        return [
+            Problem(
+                name,
+                "provision_ip",
+                f"{ip} is outside the provisioning subnet {subnet}",
+                f"use a host address in {subnet}",
+            )
+        ]
     return []

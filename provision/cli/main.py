@@ -35,9 +35,7 @@ from provision.cli.context import AppContext
 @click.option("-v", "--verbose", count=True, help="More output (repeatable).")
 @click.version_option(__version__, prog_name="provision")
 @click.pass_context
-def cli(
-    ctx: click.Context, inventory_path: Path, vault_password_file: str | None, debug: bool, verbose: int
-) -> None:
+def cli(ctx: click.Context, inventory_path: Path, vault_password_file: str | None, debug: bool, verbose: int) -> None:
     """Take racks of bare-metal servers from powered off to Slurm and k0s nodes.
 
     \b

@@ -18,9 +18,24 @@ def selection(func: F) -> F:
         return value
 
     decorators = [
-        click.option("--rack", metavar="RACK", expose_value=False, callback=collect, help="A rack (the inventory group rack_RACK)."),
-        click.option("--nodes", metavar="NODESET", expose_value=False, callback=collect, help="A nodeset, e.g. cn[01-04],gpu01."),
-        click.option("--all", "all_nodes", is_flag=True, expose_value=False, callback=collect, help="Every node of the inventory."),
+        click.option(
+            "--rack",
+            metavar="RACK",
+            expose_value=False,
+            callback=collect,
+            help="A rack (the inventory group rack_RACK).",
+        ),
+        click.option(
+            "--nodes", metavar="NODESET", expose_value=False, callback=collect, help="A nodeset, e.g. cn[01-04],gpu01."
+        ),
+        click.option(
+            "--all",
+            "all_nodes",
+            is_flag=True,
+            expose_value=False,
+            callback=collect,
+            help="Every node of the inventory.",
+        ),
     ]
     for decorator in reversed(decorators):
         func = decorator(func)

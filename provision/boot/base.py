@@ -1,0 +1,400 @@
+"""The boot-backend interface: what every PXE boot service must offer.
+
+A boot backend knows, for each node, its MACs and addresses, the image it
+boots and whether it may (re)provision now. ``provision`` drives every backend
+through ``BootBackend``; the Grendel backend (``provision.boot.grendel``) talks
+to a Grendel server, the built-in one (``provision.boot.builtin``) runs
+dnsmasq, iPXE and an HTTP server itself.
+
+Values are normalised once, when a ``BootHost``/``BootImage`` is built, so that
+two records describing the same thing compare equal whatever the backend
+returned (MAC case and separators, bare vs. CIDR addresses, tag order).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import netaddr
+
+from provision.errors import BootError
+
+if TYPE_CHECKING:
+    from provision.inventory import Node
+
+# RFC 952 host names as Grendel validates them (and DNS wants them).
+_NAME = re.compile(r"^[a-z]([a-z0-9-]*[a-z0-9])?$")
+_IMAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+class BackendName(StrEnum):
+    """The closed set of boot backends (inventory: ``provision_boot_backend``)."""
+
+    GRENDEL = "grendel"
+    BUILTIN = "builtin"
+
+
+def normalize_mac(value: str, *, field_name: str = "mac") -> str:
+    """``AA-BB-CC-DD-EE-FF`` / ``aabb.ccdd.eeff`` → ``aa:bb:cc:dd:ee:ff``."""
+    try:
+        return str(netaddr.EUI(str(value).strip(), dialect=netaddr.mac_unix_expanded)).lower()
+    except (netaddr.AddrFormatError, ValueError, TypeError) as exc:
+        raise BootError(
+            f"{field_name}: {value!r} is not a MAC address", hint="write a MAC such as 3c:ec:ef:10:01:01"
+        ) from exc
+
+
+def normalize_cidr(value: str, *, prefixlen: int | None = None, field_name: str = "ip") -> str:
+    """An interface address with its prefix: ``10.0.0.5`` + 16 → ``10.0.0.5/16``.
+
+    The host bits are kept (``10.0.0.5/24`` stays), as Grendel keeps them. A
+    bare address without ``prefixlen`` becomes a host route (``/32``/``/128``).
+    """
+    text = str(value).strip()
+    try:
+        if "/" in text:
+            net = netaddr.IPNetwork(text)
+            return f"{net.ip}/{net.prefixlen}"
+        address = netaddr.IPAddress(text)
+    except (netaddr.AddrFormatError, ValueError, TypeError) as exc:
+        raise BootError(
+            f"{field_name}: {value!r} is not an IP address", hint="write an address such as 10.10.1.11/16"
+        ) from exc
+    if prefixlen is None:
+        prefixlen = 32 if address.version == 4 else 128
+    return f"{address}/{prefixlen}"
+
+
+def address_of(cidr: str) -> str:
+    """``10.0.0.5/16`` → ``10.0.0.5``."""
+    return cidr.split("/", 1)[0]
+
+
+def check_host_name(name: str) -> str:
+    """Lower-case and check a node name against RFC 952 (what Grendel accepts)."""
+    lowered = str(name).strip().lower()
+    if not _NAME.match(lowered) or len(lowered) > 63:
+        raise BootError(
+            f"host name {name!r} is not a valid host name (RFC 952)",
+            hint="use letters, digits and '-', starting with a letter (e.g. cn01)",
+        )
+    return lowered
+
+
+def check_image_name(name: str) -> str:
+    lowered = str(name).strip().lower()
+    if not _IMAGE_NAME.match(lowered):
+        raise BootError(
+            f"image name {name!r} is not valid",
+            hint="use lower-case letters, digits, '.', '_' and '-' (e.g. compute-rocky9)",
+        )
+    return lowered
+
+
+@dataclass(frozen=True)
+class BootImage:
+    """What a node boots: a kernel, its initrds, a squashfs root and a cmdline.
+
+    Paths are as the backend sees them (on the Grendel server for Grendel, on
+    this machine for the built-in backend). ``cmdline`` is passed verbatim; for
+    Grendel it is a Go template (``{{ $.nic.MAC }}``, ``{{ $.endpoints.LiveImageURL }}``).
+    ``name`` is lower-cased.
+    """
+
+    name: str
+    kernel: str
+    initrds: tuple[str, ...] = ()
+    squashfs: str | None = None
+    cmdline: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", check_image_name(self.name))
+        if not self.kernel:
+            raise BootError(f"image {self.name}: kernel is empty", hint="give the kernel's path")
+        object.__setattr__(self, "initrds", tuple(str(i) for i in self.initrds if i))
+        object.__setattr__(self, "squashfs", self.squashfs or None)
+        object.__setattr__(self, "cmdline", self.cmdline or "")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kernel": self.kernel,
+            "initrds": list(self.initrds),
+            "squashfs": self.squashfs,
+            "cmdline": self.cmdline,
+        }
+
+
+@dataclass(frozen=True)
+class BootHost:
+    """One node as a boot service knows it.
+
+    * ``name``: lower-cased, RFC 952.
+    * ``macs``: lower-case colon form; ``macs[0]`` is the boot NIC.
+    * ``ips``: interface addresses in CIDR form (``10.10.1.11/16``); ``ips[i]``
+      belongs to ``macs[i]`` (fewer addresses than MACs is allowed).
+      ``addresses`` gives them without the prefix.
+    * ``bmc_address``: IP or host name of the BMC, or None.
+    * ``image``: lower-cased image name, or None for the backend's default.
+    * ``tags``: e.g. ``rack=r1``; sorted, without duplicates.
+    * ``provision``: True when the node may network-boot/provision now.
+    """
+
+    name: str
+    macs: tuple[str, ...]
+    ips: tuple[str, ...] = ()
+    bmc_address: str | None = None
+    image: str | None = None
+    tags: tuple[str, ...] = ()
+    provision: bool = True
+
+    def __post_init__(self) -> None:
+        name = check_host_name(self.name)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "macs", tuple(normalize_mac(m, field_name=f"{name}: mac") for m in self.macs))
+        object.__setattr__(self, "ips", tuple(normalize_cidr(i, field_name=f"{name}: ip") for i in self.ips))
+        if len(self.ips) > max(len(self.macs), 1):
+            raise BootError(f"{name}: more addresses than MACs", hint="give one MAC per address")
+        object.__setattr__(self, "bmc_address", str(self.bmc_address).strip() if self.bmc_address else None)
+        object.__setattr__(self, "image", check_image_name(self.image) if self.image else None)
+        object.__setattr__(self, "tags", tuple(sorted({str(t).strip() for t in self.tags if str(t).strip()})))
+        object.__setattr__(self, "provision", bool(self.provision))
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """The interface addresses without prefix length."""
+        return tuple(address_of(i) for i in self.ips)
+
+    @property
+    def boot_mac(self) -> str | None:
+        return self.macs[0] if self.macs else None
+
+    @property
+    def boot_ip(self) -> str | None:
+        return address_of(self.ips[0]) if self.ips else None
+
+    def with_provision(self, provision: bool) -> BootHost:
+        from dataclasses import replace
+
+        return replace(self, provision=provision)
+
+    @classmethod
+    def from_node(
+        cls,
+        node: Node,
+        *,
+        network: str | None = None,
+        default_image: str | None = None,
+        tags: Iterable[str] = (),
+        provision: bool = True,
+    ) -> BootHost:
+        """The boot view of an inventory node.
+
+        The address gets the prefix length of ``network`` (the site's
+        ``provision_network``), else /32. Tags ``rack=<rack>`` and one
+        ``group=<g>`` per Ansible group are added to ``tags``.
+        """
+        prefixlen = None
+        if network:
+            try:
+                prefixlen = netaddr.IPNetwork(str(network)).prefixlen
+            except (netaddr.AddrFormatError, ValueError) as exc:
+                raise BootError(
+                    f"provision_network: {network!r} is not a CIDR", hint="write e.g. 10.10.0.0/16"
+                ) from exc
+        if not node.mac:
+            raise BootError(f"{node.name}: provision_mac is missing", hint="set the node's boot MAC")
+        ips: tuple[str, ...] = ()
+        if node.ip:
+            ips = (normalize_cidr(node.ip, prefixlen=prefixlen, field_name=f"{node.name}: provision_ip"),)
+        all_tags = [f"rack={node.rack}", *(f"group={g}" for g in node.groups), *tags]
+        return cls(
+            name=node.name,
+            macs=(node.mac,),
+            ips=ips,
+            bmc_address=node.bmc.address if node.bmc else None,
+            image=node.image or default_image,
+            tags=tuple(all_tags),
+            provision=provision,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "macs": list(self.macs),
+            "ips": list(self.ips),
+            "bmc_address": self.bmc_address,
+            "image": self.image,
+            "tags": list(self.tags),
+            "provision": self.provision,
+        }
+
+
+@runtime_checkable
+class BootBackend(Protocol):
+    """A boot service. Every method raises ``BootError`` (or a subclass) on failure.
+
+    Writes are upserts keyed by (lower-cased) name and replace the whole record.
+    Removing or re-provisioning a name the backend does not know is not an
+    error: the methods return the names they actually acted on.
+    """
+
+    #: ``BackendName`` value of the implementation.
+    name: str
+
+    def describe(self) -> str:
+        """One line naming the backend and where it is (URL, socket, directory)."""
+        ...
+
+    def ping(self) -> None:
+        """Check the service is reachable and usable; raise BootError if not."""
+        ...
+
+    # Images
+    def list_images(self) -> list[BootImage]: ...
+
+    def get_image(self, name: str) -> BootImage | None: ...
+
+    def put_images(self, images: Sequence[BootImage]) -> None:
+        """Create or replace images."""
+        ...
+
+    def remove_images(self, names: Sequence[str]) -> list[str]:
+        """Delete images; returns the names that existed and were removed."""
+        ...
+
+    # Hosts
+    def list_hosts(self) -> list[BootHost]: ...
+
+    def get_hosts(self, names: Sequence[str]) -> list[BootHost]:
+        """The known hosts among ``names`` (unknown names are skipped)."""
+        ...
+
+    def put_hosts(self, hosts: Sequence[BootHost]) -> None:
+        """Create or replace hosts (the whole record, including ``provision``)."""
+        ...
+
+    def remove_hosts(self, names: Sequence[str]) -> list[str]:
+        """Delete hosts; returns the names that existed and were removed."""
+        ...
+
+    def set_provision(self, names: Sequence[str], provision: bool) -> list[str]:
+        """Allow (True) or stop (False) network boot/provisioning; returns the names changed."""
+        ...
+
+    def close(self) -> None:
+        """Release connections or processes held by the backend object."""
+        ...
+
+
+# --------------------------------------------------------------------------
+# Sync: the same plan for every backend
+
+
+class Change(StrEnum):
+    CREATE = "create"
+    UPDATE = "update"
+    UNCHANGED = "unchanged"
+
+
+@dataclass(frozen=True)
+class HostChange:
+    name: str
+    change: Change
+    fields: tuple[str, ...] = ()  # the fields that differ, for UPDATE
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "change": str(self.change), "fields": list(self.fields)}
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    changes: tuple[HostChange, ...] = field(default=())
+
+    @property
+    def to_write(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.changes if c.change is not Change.UNCHANGED)
+
+
+_COMPARED = ("macs", "ips", "bmc_address", "image", "tags", "provision")
+
+
+def plan_sync(current: Iterable[BootHost], desired: Sequence[BootHost]) -> SyncPlan:
+    """What writing ``desired`` over ``current`` would change, host by host."""
+    known = {h.name: h for h in current}
+    changes: list[HostChange] = []
+    for host in desired:
+        old = known.get(host.name)
+        if old is None:
+            changes.append(HostChange(host.name, Change.CREATE))
+            continue
+        diff = tuple(f for f in _COMPARED if getattr(old, f) != getattr(host, f))
+        changes.append(HostChange(host.name, Change.UPDATE if diff else Change.UNCHANGED, diff))
+    return SyncPlan(tuple(changes))
+
+
+def sync_hosts(backend: BootBackend, desired: Sequence[BootHost], *, dry_run: bool = False) -> SyncPlan:
+    """Push ``desired`` to ``backend``, writing only hosts that differ."""
+    plan = plan_sync(backend.get_hosts([h.name for h in desired]), desired)
+    if not dry_run:
+        wanted = set(plan.to_write)
+        todo = [h for h in desired if h.name in wanted]
+        if todo:
+            backend.put_hosts(todo)
+    return plan
+
+
+# --------------------------------------------------------------------------
+# Registry
+
+#: name -> "module:Class"; imported lazily so a backend's dependencies load only when used.
+_REGISTRY: dict[str, str] = {
+    BackendName.GRENDEL: "provision.boot.grendel:GrendelBackend",
+    BackendName.BUILTIN: "provision.boot.builtin:BuiltinBackend",
+}
+
+
+class BackendFactory(Protocol):
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> BootBackend: ...
+
+
+def get_backend(name: str, config: Mapping[str, Any]) -> BootBackend:
+    """Build the backend ``name`` from inventory variables (``provision_*``).
+
+    ``config`` maps variable names to values, as in group_vars: e.g.
+    ``provision_grendel_url``, ``provision_grendel_socket``,
+    ``provision_grendel_api``, ``provision_grendel_token_env``,
+    ``provision_state_dir``, ``provision_network``. Each backend reads only its
+    own keys (``BackendClass.from_config(config)``) and raises BootError naming
+    a bad variable.
+    """
+    import importlib
+
+    try:
+        target = _REGISTRY[BackendName(str(name).lower())]
+    except ValueError:
+        known = ", ".join(b.value for b in BackendName)
+        raise BootError(f"provision_boot_backend: unknown boot backend {name!r}", hint=f"use one of: {known}") from None
+    module_name, _, class_name = target.partition(":")
+    cls: BackendFactory = getattr(importlib.import_module(module_name), class_name)
+    return cls.from_config(config)
+
+
+def backend_config(site: Any) -> dict[str, Any]:
+    """The ``config`` mapping for ``get_backend`` from a loaded ``Site``."""
+    config = dict(site.group_vars)
+    config["provision_state_dir"] = str(site.state_dir)
+    config["provision_network"] = site.network
+    config["provision_default_image"] = site.default_image
+    return config
+
+
+def backend_for_site(site: Any) -> BootBackend:
+    """The backend the inventory chooses (``provision_boot_backend``, default ``builtin``)."""
+    config = backend_config(site)
+    return get_backend(str(config.get("provision_boot_backend") or BackendName.BUILTIN), config)
