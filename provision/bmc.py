@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import socket
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -150,7 +151,34 @@ def _pyghmi() -> tuple[Any, Any, Any]:
     import pyghmi.ipmi.command as pyghmi_command
     import pyghmi.ipmi.private.session as pyghmi_session
 
+    install_recv_fix(pyghmi_session)
     return pyghmi_exc, pyghmi_command, pyghmi_session
+
+
+def install_recv_fix(pyghmi_session: Any) -> None:
+    """Make pyghmi's socket reads non-blocking per call, not per socket.
+
+    pyghmi's I/O thread reads with ``sock.setblocking(0); sock.recvfrom()``
+    while the thread that sends calls ``sock.setblocking(1); sock.sendto()``
+    on the same socket. When the two interleave, the I/O thread's recvfrom
+    blocks on an empty socket and every session of the process stalls until
+    a packet happens to arrive: the "Session no longer connected" failures
+    seen with many concurrent sessions (client) and the virtual BMC
+    processes that stopped answering under load (server). Reading with
+    MSG_DONTWAIT gives the non-blocking read pyghmi intends whatever the
+    socket's mode. Nothing on the wire changes.
+    """
+    if getattr(pyghmi_session, "_provision_recv_fix", False):
+        return
+
+    def _io_recvfrom(mysocket: socket.socket, size: int) -> tuple[bytes, Any] | None:
+        try:
+            return mysocket.recvfrom(size, socket.MSG_DONTWAIT)
+        except OSError:
+            return None
+
+    pyghmi_session._io_recvfrom = _io_recvfrom
+    pyghmi_session._provision_recv_fix = True
 
 
 _NEGOTIATING_SESSION: type[Any] | None = None
@@ -230,6 +258,12 @@ class IpmiClient(BmcClient):
             raise _translate(exc, where, time.monotonic() - started) from None
         except OSError as exc:
             raise BmcUnreachableError(f"{where}: {exc.strerror or exc}", hint="check provision_bmc_address") from None
+        finally:
+            # pyghmi registers a session being set up under its str
+            # credentials but removes it under their encoded form, so the
+            # entry outlives the login and the next connection to this BMC in
+            # this process would get the stale (logged-out) session back.
+            session_class.initting_sessions.pop((address, user, password, port, None), None)
         self._cmd = cmd
         self._where = where
         log.debug("%s: logged in (cipher suite %s)", where, getattr(cmd.ipmi_session, "cipher_suite", "?"))
@@ -315,7 +349,7 @@ def _translate(exc: Exception, where: str, seconds: float) -> BmcError:
         return BmcAuthError(f"{where}: authentication failed ({text})", hint=AUTH_HINT)
     if "cipher" in lowered:
         return BmcError(f"{where}: {text}", hint="enable cipher suite 17 or 3 on the BMC (never 0)")
-    if "timeout" in lowered or "no longer connected" in lowered or text == "IpmiException":
+    if "timeout" in lowered or "no longer connected" in lowered or text in ("None", "IpmiException"):
         return BmcUnreachableError(
             f"{where}: no answer after {seconds:.1f} s",
             hint="check provision_bmc_address/provision_bmc_port and that the BMC is on the network",

@@ -157,6 +157,10 @@ def _server_classes() -> tuple[type[Any], type[Any]]:
     import pyghmi.ipmi.private.serversession as serversession
     import pyghmi.ipmi.private.session as ipmisession
 
+    from provision.bmc import install_recv_fix
+
+    install_recv_fix(ipmisession)
+
     class NegotiatingServerSession(serversession.ServerSession):  # type: ignore[misc]
         """pyghmi's RMCP+ server session, with suite 3/17 negotiation."""
 
@@ -167,6 +171,40 @@ def _server_classes() -> tuple[type[Any], type[Any]]:
                 self.pktqueue.clear()
                 return
             super().process_pktqueue()
+
+        def _forget(self) -> None:
+            handlers = ipmisession.Session.bmc_handlers.get(self.sockaddr, {})
+            if handlers.get(self.bmc.port) is self:
+                del handlers[self.bmc.port]
+            if not handlers:
+                ipmisession.Session.bmc_handlers.pop(self.sockaddr, None)
+
+        def close_server_session(self) -> None:
+            self._forget()
+
+        def sessionless_data(self, data: Any, sockaddr: Any) -> None:
+            self.bmc.sessionless_data(data, sockaddr)
+
+        def _handle_ipmi_packet(self, data: bytearray, sockaddr: Any = None, qent: Any = None) -> Any:
+            # Session-less requests (IPMI 1.5 framing, or RMCP+ framing with
+            # session id 0) from a console that had a session here mean it
+            # starts over. pyghmi's server would drop the RMCP+ ones and, for
+            # the others, forget every session of that console address on
+            # every BMC of the process (and crash on packets already queued).
+            sessionless = data[4] in (0, 2) or (data[4] == 6 and data[5] & 0x3F == 0 and data[6:10] == b"\0\0\0\0")
+            if sessionless:
+                self._forget()
+                self.bmc.sessionless_data(data, sockaddr)
+                return None
+            return super()._handle_ipmi_packet(data, sockaddr=sockaddr, qent=qent)
+
+        def _got_rmcp_openrequest(self, data: bytearray) -> None:
+            # A console that starts over from the same address and port (a
+            # retry after a lost RAKP4, say) gets a fresh session. pyghmi's
+            # server would answer from the old one, encrypted with its keys.
+            NegotiatingServerSession(
+                self.authdata, self.kg, self.sockaddr, self.socket, bytearray(data), self.uuid, bmc=self.bmc
+            )
 
         def create_open_session_response(self, request: bytearray) -> bytearray:
             tag = request[0]

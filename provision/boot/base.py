@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -178,8 +178,6 @@ class BootHost:
         return address_of(self.ips[0]) if self.ips else None
 
     def with_provision(self, provision: bool) -> BootHost:
-        from dataclasses import replace
-
         return replace(self, provision=provision)
 
     @classmethod
@@ -320,11 +318,15 @@ class SyncPlan:
         return tuple(c.name for c in self.changes if c.change is not Change.UNCHANGED)
 
 
-_COMPARED = ("macs", "ips", "bmc_address", "image", "tags", "provision")
+_COMPARED = ("macs", "ips", "bmc_address", "image", "tags")
 
 
 def plan_sync(current: Iterable[BootHost], desired: Sequence[BootHost]) -> SyncPlan:
-    """What writing ``desired`` over ``current`` would change, host by host."""
+    """What writing ``desired`` over ``current`` would change, host by host.
+
+    ``provision`` is not compared: it is run state (``set_provision``), not
+    inventory data, so a sync neither re-arms nor disarms a known host.
+    """
     known = {h.name: h for h in current}
     changes: list[HostChange] = []
     for host in desired:
@@ -338,11 +340,18 @@ def plan_sync(current: Iterable[BootHost], desired: Sequence[BootHost]) -> SyncP
 
 
 def sync_hosts(backend: BootBackend, desired: Sequence[BootHost], *, dry_run: bool = False) -> SyncPlan:
-    """Push ``desired`` to ``backend``, writing only hosts that differ."""
-    plan = plan_sync(backend.get_hosts([h.name for h in desired]), desired)
+    """Push ``desired`` to ``backend``, writing only hosts that differ.
+
+    New hosts are written with their own ``provision`` flag; hosts the
+    backend knows keep the flag they have there.
+    """
+    current = {h.name: h for h in backend.get_hosts([h.name for h in desired])}
+    plan = plan_sync(current.values(), desired)
     if not dry_run:
         wanted = set(plan.to_write)
-        todo = [h for h in desired if h.name in wanted]
+        todo = [
+            h.with_provision(current[h.name].provision) if h.name in current else h for h in desired if h.name in wanted
+        ]
         if todo:
             backend.put_hosts(todo)
     return plan

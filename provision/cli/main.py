@@ -9,6 +9,10 @@ import click
 from rich.logging import RichHandler
 
 from provision import __version__
+from provision.cli import boot as boot_cmd
+from provision.cli import boot_server as boot_server_cmd
+from provision.cli import grendel as grendel_cmd
+from provision.cli import image as image_cmd
 from provision.cli import inventory as inventory_cmd
 from provision.cli import node as node_cmd
 from provision.cli.context import AppContext
@@ -51,4 +55,8 @@ def cli(ctx: click.Context, inventory_path: Path, vault_password_file: str | Non
 
 
 cli.add_command(inventory_cmd.inventory)
+cli.add_command(image_cmd.image)
 cli.add_command(node_cmd.node)
+cli.add_command(grendel_cmd.grendel)
+cli.add_command(boot_server_cmd.boot)
+node_cmd.node.add_command(boot_cmd.sync)

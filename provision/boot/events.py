@@ -1,0 +1,258 @@
+"""Boot phases from the built-in backend's logs: DHCP lease → scripts → kernel/initrd → squashfs.
+
+Two sources, both written by ``provision.boot.builtin``:
+
+* dnsmasq's log (``log-dhcp``, ``log-facility=<file>``): ``DHCPDISCOVER``/
+  ``DHCPOFFER``/``DHCPACK`` per MAC, with the client kind taken from the same
+  transaction's vendor and user class (firmware PXE, iPXE, or the booted OS's
+  initramfs), and TFTP transfers (``sent … to <ip>``).
+  Its timestamps have a one-second resolution and no year, in local time.
+* nginx's access log in the ``provision`` format:
+  ``$msec $remote_addr "$request" $status $body_bytes_sent $request_time "$http_user_agent"``.
+
+``node_events`` joins both: HTTP requests are matched to a MAC through the
+address the MAC was given (DHCPACK, else the hosts' inventory addresses), and
+MACs to node names through the hosts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from provision.boot.base import BootHost
+
+
+class Phase(StrEnum):
+    """A step of a network boot, in the order a healthy boot goes through them."""
+
+    DHCP_DISCOVER = "dhcp-discover"
+    DHCP_OFFER = "dhcp-offer"
+    DHCP_ACK = "dhcp-ack"
+    DHCP_NAK = "dhcp-nak"
+    TFTP_LOADER = "tftp-loader"  # iPXE fetched over TFTP by firmware PXE
+    IPXE_SCRIPT = "ipxe-script"  # the generic /boot.ipxe
+    NODE_SCRIPT = "node-script"  # /boot/<mac>.ipxe
+    KERNEL = "kernel"
+    INITRD = "initrd"
+    ROOTFS = "rootfs"  # the squashfs, fetched by dracut's livenet
+
+
+class Client(StrEnum):
+    """Who asked, per the DHCP vendor/user class."""
+
+    PXE = "pxe"  # the NIC's firmware
+    IPXE = "ipxe"
+    OS = "os"  # the booted kernel's initramfs or system
+
+
+_ORDER = {phase: index for index, phase in enumerate(Phase)}
+
+
+@dataclass(frozen=True)
+class BootEvent:
+    time: datetime  # timezone-aware
+    phase: Phase
+    mac: str | None = None
+    ip: str | None = None
+    node: str | None = None
+    client: Client | None = None
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "time": self.time.isoformat(),
+            "phase": str(self.phase),
+            "mac": self.mac,
+            "ip": self.ip,
+            "node": self.node,
+            "client": str(self.client) if self.client else None,
+            "detail": self.detail,
+        }
+
+
+# --------------------------------------------------------------------------
+# dnsmasq
+
+_DNSMASQ_LINE = re.compile(
+    r"^(?P<stamp>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d) dnsmasq-(?P<kind>dhcp|tftp)\[\d+\]: (?P<text>.*)$"
+)
+_DHCP_MESSAGE = re.compile(
+    r"^(?:(?P<xid>\d+) )?DHCP(?P<msg>DISCOVER|OFFER|REQUEST|ACK|NAK)\((?P<iface>[^)]*)\) "
+    r"(?:(?P<ip>\d+\.\d+\.\d+\.\d+) )?(?P<mac>[0-9a-f]{2}(?::[0-9a-f]{2}){5})(?: (?P<rest>.*))?$"
+)
+_XID_INFO = re.compile(r"^(?P<xid>\d+) (?P<key>vendor class|user class): (?P<value>.*)$")
+_TFTP_SENT = re.compile(r"^sent (?P<path>\S+) to (?P<ip>[0-9.]+)$")
+_DHCP_PHASE = {"DISCOVER": Phase.DHCP_DISCOVER, "OFFER": Phase.DHCP_OFFER, "ACK": Phase.DHCP_ACK, "NAK": Phase.DHCP_NAK}
+
+
+def _dnsmasq_time(stamp: str, now: datetime) -> datetime:
+    """``Nov 22 05:53:55`` (local time, no year) → an aware datetime near ``now``."""
+    naive = datetime.strptime(f"{now.year} {' '.join(stamp.split())}", "%Y %b %d %H:%M:%S")
+    local = naive.astimezone()  # naive means local time, as dnsmasq wrote it
+    if local - now > timedelta(days=1):  # a December line read in January
+        local = naive.replace(year=now.year - 1).astimezone()
+    return local
+
+
+def parse_dnsmasq(lines: Iterable[str], *, now: datetime | None = None) -> list[BootEvent]:
+    """DHCP and TFTP events from dnsmasq's log."""
+    now = now or datetime.now(UTC)
+    events: list[BootEvent] = []
+    vendor: dict[str, str] = {}
+    user: dict[str, str] = {}
+    for raw in lines:
+        match = _DNSMASQ_LINE.match(raw.rstrip("\n"))
+        if not match:
+            continue
+        text = match["text"].strip()
+        if match["kind"] == "tftp":
+            sent = _TFTP_SENT.match(text)
+            if sent:
+                when = _dnsmasq_time(match["stamp"], now)
+                events.append(
+                    BootEvent(when, Phase.TFTP_LOADER, ip=sent["ip"], client=Client.PXE, detail=Path(sent["path"]).name)
+                )
+            continue
+        info = _XID_INFO.match(text)
+        if info:
+            (vendor if info["key"] == "vendor class" else user)[info["xid"]] = info["value"]
+            continue
+        message = _DHCP_MESSAGE.match(text)
+        if not message or message["msg"] not in _DHCP_PHASE:
+            continue
+        xid = message["xid"] or ""
+        if user.get(xid, "").startswith("iPXE"):
+            client = Client.IPXE
+        elif vendor.get(xid, "").startswith("PXEClient"):
+            client = Client.PXE
+        else:
+            client = Client.OS
+        rest = (message["rest"] or "").strip()
+        events.append(
+            BootEvent(
+                _dnsmasq_time(match["stamp"], now),
+                _DHCP_PHASE[message["msg"]],
+                mac=message["mac"],
+                ip=message["ip"],
+                node=rest.split()[0] if message["msg"] == "ACK" and rest else None,
+                client=client,
+                detail=rest if message["msg"] == "NAK" else "",
+            )
+        )
+        if message["msg"] in ("ACK", "NAK"):
+            vendor.pop(xid, None)
+            user.pop(xid, None)
+    return events
+
+
+# --------------------------------------------------------------------------
+# nginx
+
+_HTTP_LINE = re.compile(
+    r'^(?P<msec>\d+\.\d+) (?P<ip>\S+) "(?P<method>[A-Z]+) (?P<path>\S+) [^"]*" (?P<status>\d{3}) '
+    r'(?P<bytes>\d+) (?P<rtime>[\d.]+) "(?P<agent>[^"]*)"$'
+)
+_NODE_SCRIPT = re.compile(r"^/boot/(?P<mac>[0-9a-f]{2}(?:-[0-9a-f]{2}){5})\.ipxe$")
+_IMAGE_FILE = re.compile(r"^/images/(?P<image>[^/]+)/(?P<version>[^/]+)/(?P<file>[^/?]+)$")
+
+
+def _image_phase(file_name: str) -> Phase:
+    lowered = file_name.lower()
+    if lowered.endswith(".squashfs") or lowered.endswith(".sqfs"):
+        return Phase.ROOTFS
+    if "initrd" in lowered or "initramfs" in lowered or lowered.endswith((".img", ".cpio", ".cpio.gz", ".cpio.zst")):
+        return Phase.INITRD
+    return Phase.KERNEL
+
+
+def parse_http(lines: Iterable[str]) -> list[BootEvent]:
+    """Boot-file downloads from nginx's access log (successful GETs only)."""
+    events: list[BootEvent] = []
+    for raw in lines:
+        match = _HTTP_LINE.match(raw.rstrip("\n"))
+        if not match or match["method"] != "GET" or match["status"] not in ("200", "206"):
+            continue
+        when = datetime.fromtimestamp(float(match["msec"]), tz=UTC)
+        path = match["path"].split("?", 1)[0]
+        detail = f"{path} {match['status']} {match['bytes']} bytes in {match['rtime']} s"
+        client = Client.IPXE if match["agent"].startswith("iPXE") else Client.OS
+        mac: str | None = None
+        if path == "/boot.ipxe":
+            phase = Phase.IPXE_SCRIPT
+        elif script := _NODE_SCRIPT.match(path):
+            phase = Phase.NODE_SCRIPT
+            mac = script["mac"].replace("-", ":")
+        elif image := _IMAGE_FILE.match(path):
+            phase = _image_phase(image["file"])
+        else:
+            continue
+        events.append(BootEvent(when, phase, mac=mac, ip=match["ip"], client=client, detail=detail))
+    return events
+
+
+# --------------------------------------------------------------------------
+# Joining
+
+
+def _sort_key(event: BootEvent) -> tuple[int, int, float]:
+    # dnsmasq stamps whole seconds: within one second, phase order decides.
+    stamp = event.time.timestamp()
+    return (int(stamp), _ORDER[event.phase], stamp)
+
+
+def merge(dhcp: Sequence[BootEvent], http: Sequence[BootEvent], hosts: Sequence[BootHost] = ()) -> list[BootEvent]:
+    """Both sources in one timeline, each event with its MAC and node name where known."""
+    name_of_mac = {mac: h.name for h in hosts for mac in h.macs}
+    mac_of_ip: dict[str, str] = {ip: mac for h in hosts for mac, ip in zip(h.macs, h.addresses, strict=False)}
+    timeline = sorted([*dhcp, *http], key=_sort_key)
+    out: list[BootEvent] = []
+    for event in timeline:
+        mac = event.mac
+        if event.phase is Phase.DHCP_ACK and event.mac and event.ip:
+            mac_of_ip[event.ip] = event.mac  # later HTTP requests from this address come from this MAC
+            if event.node:
+                name_of_mac.setdefault(event.mac, event.node)
+        if mac is None and event.ip:
+            mac = mac_of_ip.get(event.ip)
+        node = name_of_mac.get(mac or "") or event.node
+        out.append(
+            BootEvent(
+                event.time, event.phase, mac=mac, ip=event.ip, node=node, client=event.client, detail=event.detail
+            )
+        )
+    return out
+
+
+def read_events(
+    dnsmasq_log: Path, http_log: Path, hosts: Sequence[BootHost] = (), *, now: datetime | None = None
+) -> list[BootEvent]:
+    """The merged timeline from the two log files (missing files are empty)."""
+    dhcp = parse_dnsmasq(dnsmasq_log.read_text(errors="replace").splitlines(), now=now) if dnsmasq_log.exists() else []
+    http = parse_http(http_log.read_text(errors="replace").splitlines()) if http_log.exists() else []
+    return merge(dhcp, http, hosts)
+
+
+def by_node(events: Iterable[BootEvent]) -> dict[str, list[BootEvent]]:
+    """Events per node name (or per MAC when the node is unknown); events with neither are dropped."""
+    grouped: dict[str, list[BootEvent]] = {}
+    for event in events:
+        key = event.node or event.mac
+        if key:
+            grouped.setdefault(key, []).append(event)
+    return grouped
+
+
+def first_times(events: Iterable[BootEvent], since: datetime | None = None) -> Mapping[Phase, datetime]:
+    """When each phase was first seen (after ``since``): one node's boot at a glance."""
+    seen: dict[Phase, datetime] = {}
+    for event in events:
+        if since is not None and event.time < since.replace(microsecond=0):
+            continue
+        seen.setdefault(event.phase, event.time)
+    return seen
