@@ -140,8 +140,8 @@ def run_playbook(
             inventory_arg = str(inv_file)
         vars_file = private / "extravars.json"
         fd = os.open(vars_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(dict(extravars or {}), handle)
+        with os.fdopen(fd, "w") as vars_handle:
+            json.dump(dict(extravars or {}), vars_handle)
 
         env = {
             "ANSIBLE_FORCE_COLOR": "0",

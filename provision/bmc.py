@@ -25,18 +25,21 @@ pyghmi's OEM probe (one Get Device ID round trip per session).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import socket
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
 from typing import Any
 
 from provision.errors import BmcError
-from provision.inventory import Bmc, BmcProtocol
+from provision.fanout import FanoutOptions, Outcome, default_processes, fan_out
+from provision.inventory import Bmc, BmcProtocol, Node
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +131,9 @@ class BmcClient(ABC):
     def __enter__(self) -> BmcClient:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 
@@ -194,16 +199,14 @@ def negotiating_session_class() -> type[Any]:
         return _NEGOTIATING_SESSION
     _, _, pyghmi_session = _pyghmi()
 
-    class NegotiatingSession(pyghmi_session.Session):  # type: ignore[misc]
+    base: Any = pyghmi_session.Session
+
+    class NegotiatingSession(base):  # type: ignore[misc]
         cipher_suite: int | None = None
+        sessioncontext: str | None
 
         def _got_rmcp_response(self, data: bytearray) -> Any:
-            if (
-                self.sessioncontext == "OPENSESSION"
-                and len(data) >= 36
-                and data[0] == self.rmcptag
-                and data[1] == 0
-            ):
+            if self.sessioncontext == "OPENSESSION" and len(data) >= 36 and data[0] == self.rmcptag and data[1] == 0:
                 chosen = (data[16], data[24], data[32])
                 for suite, (algorithms, hashlib_fn, hashlen) in ACCEPTED_SUITES.items():
                     if chosen == algorithms:
@@ -216,8 +219,8 @@ def negotiating_session_class() -> type[Any]:
                     self.sessioncontext = "FAILED"
                     self.onlogon(
                         {
-                            "error": "BMC chose cipher algorithms auth=%d integrity=%d confidentiality=%d, "
-                            "not cipher suite 3 or 17" % chosen
+                            "error": "BMC chose cipher algorithms auth={} integrity={} confidentiality={}, "
+                            "not cipher suite 3 or 17".format(*chosen)
                         }
                     )
                     return -9
@@ -334,10 +337,8 @@ class IpmiClient(BmcClient):
         if self._cmd is None:
             return
         pyghmi_exc, _, _ = _pyghmi()
-        try:
+        with contextlib.suppress(pyghmi_exc.IpmiException, OSError, KeyError):
             self._cmd.ipmi_session.logout()
-        except (pyghmi_exc.IpmiException, OSError, KeyError):
-            pass
         self._cmd = None
 
 
@@ -345,7 +346,7 @@ def _translate(exc: Exception, where: str, seconds: float) -> BmcError:
     """pyghmi's exception text, as a typed error (it never holds the password)."""
     text = str(exc) or type(exc).__name__
     lowered = text.lower()
-    if "password" in lowered or "unauthorized name" in lowered or "rakp" in lowered and "integrity" in lowered:
+    if "password" in lowered or "unauthorized name" in lowered or ("rakp" in lowered and "integrity" in lowered):
         return BmcAuthError(f"{where}: authentication failed ({text})", hint=AUTH_HINT)
     if "cipher" in lowered:
         return BmcError(f"{where}: {text}", hint="enable cipher suite 17 or 3 on the BMC (never 0)")
@@ -355,3 +356,75 @@ def _translate(exc: Exception, where: str, seconds: float) -> BmcError:
             hint="check provision_bmc_address/provision_bmc_port and that the BMC is on the network",
         )
     return BmcError(f"{where}: {text}")
+
+
+# --------------------------------------------------------------------------
+# One operation over many nodes (the CLI's and the boot command's entry)
+
+
+def _require_bmc(node: Node) -> Bmc:
+    if node.bmc is None:
+        raise BmcError(
+            f"{node.name}: no BMC in the inventory",
+            hint="set provision_bmc_address and provision_bmc_user for this node",
+        )
+    return node.bmc
+
+
+def node_power(node: Node, action: PowerAction, *, timeout: float = 10.0) -> dict[str, Any]:
+    """Carry out a power action on one node; a JSON-safe result."""
+    with connect(_require_bmc(node), timeout=timeout) as client:
+        if action == PowerAction.STATUS:
+            return {"power": str(client.power_status())}
+        return {"power": str(client.power(action)), "action": str(action)}
+
+
+def node_bootdev(
+    node: Node, device: BootDevice, *, persistent: bool = False, uefi: bool = False, timeout: float = 10.0
+) -> dict[str, Any]:
+    """Set the next boot device of one node, then read it back."""
+    with connect(_require_bmc(node), timeout=timeout) as client:
+        client.set_boot_device(device, persistent=persistent, uefi=uefi)
+        return client.boot_device().as_dict()
+
+
+def node_bootdev_get(node: Node, *, timeout: float = 10.0) -> dict[str, Any]:
+    with connect(_require_bmc(node), timeout=timeout) as client:
+        return client.boot_device().as_dict()
+
+
+def fanout_options(count: int, **kwargs: Any) -> FanoutOptions:
+    """Fan-out settings for BMC work: retry unreachable BMCs, processes by size."""
+    kwargs.setdefault("processes", default_processes(count))
+    kwargs.setdefault("retry_on", (BmcUnreachableError,))
+    return FanoutOptions(**kwargs)
+
+
+def power_nodes(
+    nodes: Sequence[Node], action: PowerAction, options: FanoutOptions | None = None, **hooks: Any
+) -> list[Outcome]:
+    opts = options or fanout_options(len(nodes))
+    per_call = opts.timeout or 10.0
+    return fan_out(
+        nodes, lambda n: node_power(n, action, timeout=per_call), name=lambda n: n.name, options=opts, **hooks
+    )
+
+
+def bootdev_nodes(
+    nodes: Sequence[Node],
+    device: BootDevice,
+    *,
+    persistent: bool = False,
+    uefi: bool = False,
+    options: FanoutOptions | None = None,
+    **hooks: Any,
+) -> list[Outcome]:
+    opts = options or fanout_options(len(nodes))
+    per_call = opts.timeout or 10.0
+    return fan_out(
+        nodes,
+        lambda n: node_bootdev(n, device, persistent=persistent, uefi=uefi, timeout=per_call),
+        name=lambda n: n.name,
+        options=opts,
+        **hooks,
+    )

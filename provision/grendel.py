@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -35,6 +36,7 @@ from typing import Any, cast
 from urllib.parse import quote
 
 import requests
+import urllib3
 
 from provision.boot.base import (
     BootHost,
@@ -416,8 +418,14 @@ class _Transport:
                 session = requests.Session()
         self.session = session
         self.session.trust_env = False  # no proxies from the environment for Grendel
+        self.insecure = False
         if settings.url and settings.url.startswith("https://"):
             self.session.verify = settings.ca_file if settings.ca_file else settings.tls_verify
+            self.insecure = not settings.ca_file and not settings.tls_verify
+            if self.insecure:
+                log.warning(
+                    "grendel: not checking the TLS certificate of %s (provision_grendel_tls_verify)", settings.url
+                )
 
     def close(self) -> None:
         self.session.close()
@@ -443,15 +451,18 @@ class _Transport:
         url = self.settings.base_url + path
         log.debug("grendel: %s %s", method, path)
         try:
-            return self.session.request(
-                method,
-                url,
-                params=params,
-                json=body,
-                headers=headers,
-                timeout=self.settings.timeout,
-                allow_redirects=False,
-            )
+            with warnings.catch_warnings():
+                if self.insecure:  # said once above, not on every request
+                    warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+                return self.session.request(
+                    method,
+                    url,
+                    params=params,
+                    json=body,
+                    headers=headers,
+                    timeout=self.settings.timeout,
+                    allow_redirects=False,
+                )
         except requests.exceptions.SSLError as exc:
             raise GrendelError(
                 f"Grendel at {self.settings.where}: TLS failed ({_reason(exc)})",

@@ -342,8 +342,21 @@ def load(path: str | os.PathLike[str], *, vault_password_file: str | None = None
         state_dir=state_dir,
         images=images,
         problems=tuple(problems),
-        group_vars=group_vars,
+        group_vars=_render_site_vars(site_vars, group_vars),
     )
+
+
+def _render_site_vars(templar: Any, raw: dict[str, Any]) -> dict[str, Any]:
+    """group_vars/all rendered where they can be without a host (else kept raw)."""
+    from ansible.errors import AnsibleError
+
+    rendered: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            rendered[key] = templar.template(value)
+        except AnsibleError:
+            rendered[key] = value
+    return rendered
 
 
 def _make_node(

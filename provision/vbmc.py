@@ -165,12 +165,28 @@ def _server_classes() -> tuple[type[Any], type[Any]]:
         """pyghmi's RMCP+ server session, with suite 3/17 negotiation."""
 
         bmc: VirtualBmc
+        kg: bytes | None
+        k1: bytes | None
+        Rm: bytearray
+        confalgo: Any
+        integrityalgo: Any
+        remseqnumber: int | None
+        _rakp2_reply: bytes
+        _rakp3_code: bytes
+        _rakp4_reply: bytes
 
         def process_pktqueue(self) -> None:
             if self.bmc.spec.fault == "unreachable":
                 self.pktqueue.clear()
                 return
             super().process_pktqueue()
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)  # sends the Open Session Response
+            self._open_reply = bytes(self.netpacket)
+
+        def _resend(self, packet: bytes) -> None:
+            ipmisession._io_sendto(self.socket, packet, self.sockaddr)
 
         def _forget(self) -> None:
             handlers = ipmisession.Session.bmc_handlers.get(self.sockaddr, {})
@@ -187,28 +203,33 @@ def _server_classes() -> tuple[type[Any], type[Any]]:
 
         def _handle_ipmi_packet(self, data: bytearray, sockaddr: Any = None, qent: Any = None) -> Any:
             # Session-less requests (IPMI 1.5 framing, or RMCP+ framing with
-            # session id 0) from a console that had a session here mean it
-            # starts over. pyghmi's server would drop the RMCP+ ones and, for
-            # the others, forget every session of that console address on
-            # every BMC of the process (and crash on packets already queued).
+            # session id 0: Get Channel Authentication Capabilities, Get
+            # Channel Cipher Suites) from a console that has a session here
+            # are answered as such. pyghmi's server drops the RMCP+ ones and,
+            # for the others, forgets every session of that console address
+            # on every BMC of the process (then crashes on packets already
+            # queued for them), which breaks consoles that retransmit.
             sessionless = data[4] in (0, 2) or (data[4] == 6 and data[5] & 0x3F == 0 and data[6:10] == b"\0\0\0\0")
             if sessionless:
-                self._forget()
                 self.bmc.sessionless_data(data, sockaddr)
                 return None
             return super()._handle_ipmi_packet(data, sockaddr=sockaddr, qent=qent)
 
+        # The handshake answers are idempotent: a retransmitted request (the
+        # console timed out while this process was busy) gets the same
+        # answer again, byte for byte, instead of a new session or new keys.
         def _got_rmcp_openrequest(self, data: bytearray) -> None:
-            # A console that starts over from the same address and port (a
-            # retry after a lost RAKP4, say) gets a fresh session. pyghmi's
-            # server would answer from the old one, encrypted with its keys.
+            if bytes(data[4:8]) == bytes(self.clientsessionid):
+                self._resend(self._open_reply)
+                return
+            # A new console session from the same address and port.
             NegotiatingServerSession(
                 self.authdata, self.kg, self.sockaddr, self.socket, bytearray(data), self.uuid, bmc=self.bmc
             )
 
         def create_open_session_response(self, request: bytearray) -> bytearray:
             tag = request[0]
-            self.clientsessionid = request[4:8]
+            self.clientsessionid = bytearray(request[4:8])
             self.managedsessionid = os.urandom(4)
             self.privlevel = 4
             proposed = (request[12], request[20], request[28]) if len(request) >= 32 else None
@@ -225,9 +246,30 @@ def _server_classes() -> tuple[type[Any], type[Any]]:
                 + bytearray([0, 0, 0, 8, auth, 0, 0, 0, 1, 0, 0, 8, integrity, 0, 0, 0, 2, 0, 0, 8, conf, 0, 0, 0])
             )
 
+        def _handshake(self, payload: bytearray, payload_type: str) -> bytes:
+            """Send a handshake message (never integrity-protected); return its bytes."""
+            packet = (
+                bytearray(b"\x06\x00\xff\x07\x06")
+                + bytearray([constants.payload_types[payload_type]])
+                + bytearray(8)
+                + struct.pack("<H", len(payload))
+                + payload
+            )
+            self._resend(bytes(packet))
+            return bytes(packet)
+
         def _got_rakp1(self, data: bytearray) -> None:
-            if getattr(self, "suite", None) is None:
+            if getattr(self, "suite", None) is None or bytes(data[4:8]) != bytes(self.managedsessionid):
                 return
+            if hasattr(self, "_rakp2_reply") and bytes(data[8:24]) == bytes(self.Rm):
+                self._resend(self._rakp2_reply)
+                return
+            # A first RAKP1, or a console starting the exchange over with a
+            # new random number: the session is (again) not established.
+            self.confalgo = 0
+            self.integrityalgo = 0
+            self.k1 = None
+            self.__dict__.pop("_rakp4_reply", None)
             tag = data[0]
             self.Rm = data[8:24]
             self.rolem = data[24]
@@ -235,11 +277,7 @@ def _server_classes() -> tuple[type[Any], type[Any]]:
             self.username = bytes(data[28 : 28 + data[27]])
             password = self.bmc.authdata.get(self.username.decode("utf-8", "replace"))
             if not self.username or password is None:
-                self.send_payload(
-                    bytearray([tag, RMCP_UNAUTHORIZED_NAME, 0, 0]) + self.clientsessionid,
-                    constants.payload_types["rakp2"],
-                    retry=False,
-                )
+                self._handshake(bytearray([tag, RMCP_UNAUTHORIZED_NAME, 0, 0]) + self.clientsessionid, "rakp2")
                 return
             self.uuiddata = self.uuid.bytes
             self.Rc = os.urandom(16)
@@ -257,39 +295,37 @@ def _server_classes() -> tuple[type[Any], type[Any]]:
             )
             authcode = hmac.new(self.kuid, bytes(hmacdata), self.currhashlib).digest()
             message = bytearray([tag, 0, 0, 0]) + self.clientsessionid + self.Rc + self.uuiddata + authcode
-            self.send_payload(message, constants.payload_types["rakp2"], retry=False)
+            self._rakp2_reply = self._handshake(message, "rakp2")
 
         def _got_rakp3(self, data: bytearray) -> None:
             if getattr(self, "suite", None) is None or not hasattr(self, "Rc"):
                 return
-            tag = data[0]
-            if data[1] != 0:
-                return  # the console rejected our RAKP2 (e.g. wrong password)
-            namepart = struct.pack("2B", self.rolem, len(self.username)) + self.username
-            expected = hmac.new(
-                self.kuid, bytes(self.Rc + self.clientsessionid) + namepart, self.currhashlib
-            ).digest()
-            if bytes(data[8:]) != expected:
-                self.send_payload(
-                    bytearray([tag, RMCP_INVALID_ICV, 0, 0]) + self.clientsessionid,
-                    constants.payload_types["rakp4"],
-                    retry=False,
-                )
+            if bytes(data[4:8]) != bytes(self.managedsessionid) or data[1] != 0:
+                return  # not ours, or the console rejected RAKP2 (e.g. wrong password)
+            if hasattr(self, "_rakp4_reply") and bytes(data[8:]) == self._rakp3_code:
+                self._resend(self._rakp4_reply)
                 return
-            self.sik = hmac.new(self.kg, bytes(self.Rm + self.Rc) + namepart, self.currhashlib).digest()
+            tag = data[0]
+            namepart = struct.pack("2B", self.rolem, len(self.username)) + self.username
+            expected = hmac.new(self.kuid, bytes(self.Rc + self.clientsessionid) + namepart, self.currhashlib).digest()
+            if bytes(data[8:]) != expected:
+                self._handshake(bytearray([tag, RMCP_INVALID_ICV, 0, 0]) + self.clientsessionid, "rakp4")
+                return
+            self.sik = hmac.new(self.kg or self.kuid, bytes(self.Rm + self.Rc) + namepart, self.currhashlib).digest()
             self.k1 = hmac.new(self.sik, b"\x01" * 20, self.currhashlib).digest()
             self.k2 = hmac.new(self.sik, b"\x02" * 20, self.currhashlib).digest()
             self.aeskey = self.k2[0:16]
             self.localsid = struct.unpack("<I", self.managedsessionid)[0]
             self.ipmicallback = self.handle_client_request
-            icv = hmac.new(
-                self.sik, bytes(self.Rm + self.managedsessionid + self.uuiddata), self.currhashlib
-            ).digest()[: self.currhashlen]
-            payload = bytearray([tag, 0, 0, 0]) + self.clientsessionid + icv
-            self.send_payload(payload, constants.payload_types["rakp4"], retry=False)
+            icv = hmac.new(self.sik, bytes(self.Rm + self.managedsessionid + self.uuiddata), self.currhashlib).digest()[
+                : self.currhashlen
+            ]
+            self._rakp3_code = expected
+            self._rakp4_reply = self._handshake(bytearray([tag, 0, 0, 0]) + self.clientsessionid + icv, "rakp4")
             self.confalgo = "aes"
             self.integrityalgo = self.suite
             self.sequencenumber = 1
+            self.remseqnumber = None
             self.sessionid = struct.unpack("<I", bytes(self.clientsessionid))[0]
 
         def handle_client_request(self, request: dict[str, Any]) -> None:
@@ -349,16 +385,20 @@ def _server_classes() -> tuple[type[Any], type[Any]]:
                     return suite
             return None
 
-        def send_cipher_suites(
-            self, myaddr: int, mylun: int, clientaddr: int, clientlun: int, clientseq: int, data: Any, sockaddr: Any
-        ) -> None:
+        def cipher_records(self, index: int) -> bytearray:
+            """Get Channel Cipher Suites record data, 16 bytes per list index."""
             suites = [3] if self.spec.lax_suites else list(self.spec.suites)
             records = bytearray()
             for suite in suites:
                 auth, integrity, conf = SUITES[suite][0]
                 records += bytearray([0xC0, suite, auth, 0x40 | integrity, 0x80 | conf])
+            return records[index * 16 : index * 16 + 16]
+
+        def send_cipher_suites(
+            self, myaddr: int, mylun: int, clientaddr: int, clientlun: int, clientseq: int, data: Any, sockaddr: Any
+        ) -> None:
             index = data[22] & 0x3F if len(data) > 22 else 0
-            chunk = records[index * 16 : index * 16 + 16]
+            chunk = self.cipher_records(index)
             ipmihdr = bytearray([clientaddr, clientlun | (7 << 2)])
             ipmihdr.append(ipmisession._checksum(*ipmihdr))
             body = bytearray([myaddr, mylun | clientseq << 2, 0x54, 0x00, 0x01]) + chunk
@@ -386,6 +426,10 @@ def _server_classes() -> tuple[type[Any], type[Any]]:
 
         def handle_raw_request(self, request: dict[str, Any], session: Any) -> None:
             self._slow()
+            if request["netfn"] == 6 and request["command"] == 0x54:  # Get Channel Cipher Suites, in session
+                index = request["data"][2] & 0x3F if len(request["data"]) > 2 else 0
+                session.send_ipmi_response(data=bytearray([1]) + self.cipher_records(index))
+                return
             super().handle_raw_request(request, session)
 
         def get_power_state(self) -> str:
@@ -556,7 +600,8 @@ class VbmcFleet:
             line = proc.stdout.readline().strip() if ready else ""
             if not line.startswith("ready"):
                 self.stop()
-                raise RuntimeError(f"virtual BMCs {group[0].name}..: {line or 'not ready after %s s' % timeout}")
+                why = line or f"not ready after {timeout} s"
+                raise RuntimeError(f"virtual BMCs {group[0].name}..: {why}")
         return self
 
     @property
@@ -585,6 +630,22 @@ class VbmcFleet:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def free_udp_ports(count: int, address: str = "127.0.0.1") -> list[int]:
+    """``count`` UDP ports free on ``address`` right now (the kernel picks them)."""
+    import socket
+
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind((address, 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def make_specs(
@@ -637,6 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 __all__ = [
     "DEFAULT_SUITES",
+    "free_udp_ports",
     "Machine",
     "SimulatedMachine",
     "VbmcFleet",

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from provision.image.store import ImageStore, ImageVersion
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_INVENTORY = PROJECT_ROOT / "inventory" / "example"
@@ -13,3 +20,43 @@ EXAMPLE_INVENTORY = PROJECT_ROOT / "inventory" / "example"
 @pytest.fixture
 def example_inventory() -> Path:
     return EXAMPLE_INVENTORY
+
+
+# --- Images: build base-debian12 once per test run and share it -----------------
+# The build goes through the real CLI (`provision image build base-debian12
+# --store <session store>`); the bootstrap cache ($PROVISION_CACHE_DIR or
+# ~/.cache/provision) is keyed by its inputs, so a later build in the same run
+# (or the next run) reuses the bootstrapped tree.
+BASE_IMAGE = "base-debian12"
+
+
+@pytest.fixture(scope="session")
+def image_store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("image-store")
+
+
+@pytest.fixture(scope="session")
+def base_image_build(image_store_dir: Path) -> dict[str, Any]:
+    """The --json report of the one real build of base-debian12 in this run."""
+    if os.geteuid() != 0:
+        pytest.fail("image builds need root (mmdebstrap, chroot, mounts); the suite runs as root in CI")
+    result = subprocess.run(
+        [sys.executable, "-m", "provision", "image", "build", BASE_IMAGE, "--store", str(image_store_dir), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"provision image build {BASE_IMAGE} failed:\n{result.stderr[-3000:]}")
+    report: dict[str, Any] = json.loads(result.stdout)
+    report["stderr"] = result.stderr
+    return report
+
+
+@pytest.fixture(scope="session")
+def base_image(base_image_build: dict[str, Any], image_store_dir: Path) -> ImageVersion:
+    """The published base-debian12 (ImageVersion: .kernel, .initrd, .squashfs, .manifest)."""
+    image = ImageStore(image_store_dir).get(BASE_IMAGE, base_image_build["version"])
+    image.verify()
+    return image

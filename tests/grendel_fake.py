@@ -217,6 +217,7 @@ def parse_prefix(value: str) -> str:
 class Seen:
     method: str
     path: str
+    raw_path: str
     query: dict[str, list[str]]
     status: int
     headers: dict[str, str]
@@ -353,7 +354,7 @@ class FakeGrendel:
                 ctype = "application/json; charset=UTF-8"
         if self.response_hook is not None:
             out = self.response_hook(method, path, status, out)
-        self.seen.append(Seen(method, path, query, status, dict(headers)))
+        self.seen.append(Seen(method, path, split.path, query, status, dict(headers)))
         self._validate_response(method, split.path, query, headers, body, content_type, status, out, ctype)
         return status, out, ctype
 
@@ -427,15 +428,22 @@ class FakeGrendel:
         for err in self.openapi.iter_response_errors(req, resp):
             self.violations.append(f"response {method} {raw_path} {status}: {_describe(err)}")
 
-    def _operation(self, method: str, raw_path: str) -> dict[str, Any] | None:
+    def operation_of(self, method: str, raw_path: str) -> str | None:
+        """The spec's path template for a request, or None if the spec has no such operation."""
         base_path = urlsplit(self.server_url).path.rstrip("/")
         rel = raw_path[len(base_path) :] if base_path and raw_path.startswith(base_path) else raw_path
         for template, item in self._spec_raw["paths"].items():
             regex = "^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)) + "$"
             if re.match(regex, rel) and method.lower() in item:
-                op: dict[str, Any] = item[method.lower()]
-                return op
+                return str(template)
         return None
+
+    def _operation(self, method: str, raw_path: str) -> dict[str, Any] | None:
+        template = self.operation_of(method, raw_path)
+        if template is None:
+            return None
+        op: dict[str, Any] = self._spec_raw["paths"][template][method.lower()]
+        return op
 
     # -- classic API (NOTES §2, §3)
 

@@ -131,6 +131,7 @@ def test_static_mode_renders_leases_scripts_and_links(site_path: Path, store: Pa
     assert "proxy" not in conf
     nginx = backend.conf_file(Service.NGINX).read_text()
     assert "listen 10.99.0.1:80 reuseport;" in nginx and f"access_log {backend.http_access_log} provision;" in nginx
+    assert "location = /boot/52-54-00-99-00-11.ipxe { allow 10.99.0.11; deny all;" in nginx
 
     script = node_script(backend, "node01")
     tokens = json.loads(backend.tokens_path.read_text())
@@ -180,6 +181,8 @@ def test_proxy_mode_renders_pxe_services_without_leases(tmp_path: Path, store: P
     assert 'pxe-service=tag:!ipxe,X86-64_EFI,"provision (iPXE, UEFI)",snponly.efi' in conf
     assert 'pxe-service=tag:ipxe,x86PC,"provision (iPXE script)",http://10.99.0.1/boot.ipxe' in conf
     assert not any(line.startswith(("dhcp-hostsfile", "dhcp-boot", "dhcp-authoritative")) for line in conf)
+    # Addresses come from another server: scripts cannot be pinned to them.
+    assert "allow" not in backend.conf_file(Service.NGINX).read_text()
     # The per-node scripts still carry each node's identity.
     assert "provision.ip=10.99.0.12" in node_script(backend, "node02")
 
@@ -386,8 +389,13 @@ def test_serve_and_stop_are_idempotent_in_a_netns(tmp_path: Path, store: Path, n
 
         # HTTP and TFTP answer inside the namespace.
         assert in_ns(netns, "curl", "-fsS", "http://10.99.0.1/boot.ipxe").stdout.startswith("#!ipxe")
-        script = in_ns(netns, "curl", "-fsS", f"http://10.99.0.1/boot/{mac_file_name(MACS['node02'])}.ipxe").stdout
-        assert "provision.node=node02" in script
+        # A node's script (it carries its token) is served to the node's own address only.
+        node02_url = f"http://10.99.0.1/boot/{mac_file_name(MACS['node02'])}.ipxe"
+        in_ns(netns, "ip", "addr", "add", "10.99.0.12/24", "dev", "br0")
+        script = in_ns(netns, "curl", "-fsS", "--interface", "10.99.0.12", node02_url).stdout
+        assert "provision.node=node02" in script and "provision.token=" in script
+        denied = in_ns(netns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", node02_url).stdout
+        assert denied == "403"
         assert (
             in_ns(
                 netns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://10.99.0.1/conf/nginx.conf"

@@ -19,6 +19,7 @@ from provision.boot.base import BootHost
 from provision.boot.builtin import BuiltinBackend
 from provision.boot.events import Client, Phase, by_node, first_times, read_events
 from provision.netns import Netns
+from provision.proc import spawn
 from provision.vm import BootFrom, Machine, MachineSpec, Nic
 
 pytestmark = pytest.mark.vm
@@ -102,3 +103,61 @@ def test_pxe_boot_to_login_through_builtin_backend(tmp_path: Path, boot_image: t
         backend.stop()
         ns.teardown()
     assert not ns.exists()
+
+
+def test_proxy_dhcp_beside_another_dhcp_server(tmp_path: Path, boot_image: tuple[Path, str, str]) -> None:
+    """The site's DHCP server hands out the address; the backend in proxy mode only adds the boot information."""
+    store, name, version = boot_image
+    ns_name = f"prov-px{os.getpid()}"
+    mac = "52:54:00:99:00:22"
+    ns = Netns(ns_name, record=tmp_path / "netns.json")
+    backend = BuiltinBackend.from_config(
+        {
+            "provision_state_dir": str(tmp_path / "state"),
+            "provision_network": "10.99.0.0/24",
+            "provision_boot_netns": ns_name,
+            "provision_boot_interface": "br0",
+            "provision_boot_dhcp_mode": "proxy",
+        }
+    )
+    machine = Machine(MachineSpec(name="node02", workdir=tmp_path / "vm", nics=(Nic(mac, tap="tap0"),), netns=ns_name))
+    site_dhcp_log = tmp_path / "site-dhcp.log"
+    site_dhcp = None
+    try:
+        ns.create()
+        ns.add_bridge("br0", addresses=("10.99.0.1/24",))
+        ns.add_tap("tap0", bridge="br0")
+        # The site's own DHCP server: addresses from a pool, no PXE options at all.
+        site_dhcp = spawn(
+            ns.exec_argv(
+                ["dnsmasq", "--keep-in-foreground", "--port=0", "--interface=br0", "--bind-interfaces",
+                 "--dhcp-range=10.99.0.100,10.99.0.150,1h", f"--dhcp-leasefile={tmp_path / 'site.leases'}",
+                 f"--log-facility={site_dhcp_log}", "--log-dhcp", f"--pid-file={tmp_path / 'site.pid'}"]
+            ),
+            log_path=tmp_path / "site-dhcp.out",
+        )  # fmt: skip
+        backend.add_store_version(store, name, version, activate=True)
+        backend.put_hosts([BootHost(name="node02", macs=(mac,), image=name)])
+        backend.serve()
+        machine.start()
+        machine.wait_for_console(r"Linux version", 300)  # kernel and initrd came over HTTP
+
+        site_log = site_dhcp_log.read_text()
+        assert "DHCPACK(br0) 10.99.0.1" in site_log and mac in site_log  # the address came from the site server
+        assert "bootfile" not in site_log
+        events = by_node(read_events(backend.dnsmasq_log, backend.http_access_log, backend.list_hosts()))["node02"]
+        first = first_times(events)
+        assert [first[p] for p in (Phase.IPXE_SCRIPT, Phase.NODE_SCRIPT, Phase.KERNEL, Phase.INITRD)] == sorted(
+            first[p] for p in (Phase.IPXE_SCRIPT, Phase.NODE_SCRIPT, Phase.KERNEL, Phase.INITRD)
+        )
+        kernel = next(e for e in events if e.phase is Phase.KERNEL)
+        assert kernel.ip is not None and kernel.ip.startswith("10.99.0.1") and kernel.ip != "10.99.0.1"
+        assert Phase.DHCP_ACK not in first  # the backend handed out no address
+        assert "provision.node=node02" in machine.console()
+    finally:
+        machine.stop()
+        if site_dhcp is not None:
+            site_dhcp.kill()
+            site_dhcp.wait()
+        backend.stop()
+        ns.teardown()

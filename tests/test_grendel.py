@@ -477,6 +477,11 @@ def test_tls_with_the_sites_ca(tmp_path: Path) -> None:
         backend = GrendelBackend(GrendelSettings(url=fake.url, ca_file=str(cert)))
         backend.put_hosts([_host("n01", "aa:bb:cc:dd:ee:01", "10.0.0.1/24")])
         assert [h.name for h in backend.list_hosts()] == ["n01"]
+        assert backend.describe() == f"grendel (classic API) at {fake.url}"
+        unchecked = GrendelBackend(
+            GrendelSettings.from_config({"provision_grendel_url": fake.url, "provision_grendel_tls_verify": "false"})
+        )
+        assert [h.name for h in unchecked.list_hosts()] == ["n01"]
 
 
 def test_the_fake_catches_an_off_spec_response(classic: FakeGrendel) -> None:
@@ -538,3 +543,122 @@ def test_fake_nodeset_follows_grendel_vectors() -> None:
     assert expand_nodeset("cn[1,02]") == ["cn01", "cn02"]
     assert expand_nodeset("cpn-d13-18") == ["cpn-d13-18"]
     assert expand_nodeset("") == []
+
+
+CLIENT_ROUTES = {
+    "classic": {
+        ("GET", "/host/list"),
+        ("GET", "/host/find/{nodeSet}"),
+        ("DELETE", "/host/find/{nodeSet}"),
+        ("GET", "/host/tags/{tags}"),
+        ("PUT", "/host/tag/{nodeSet}"),
+        ("PUT", "/host/untag/{nodeSet}"),
+        ("PUT", "/host/provision/{nodeSet}"),
+        ("PUT", "/host/unprovision/{nodeSet}"),
+        ("POST", "/host"),
+        ("GET", "/bootimage/list"),
+        ("GET", "/bootimage/find/{name}"),
+        ("DELETE", "/bootimage/find/{name}"),
+        ("POST", "/bootimage"),
+    },
+    "v2": {
+        ("GET", "/v1/nodes"),
+        ("GET", "/v1/nodes/find"),
+        ("POST", "/v1/nodes"),
+        ("DELETE", "/v1/nodes"),
+        ("PATCH", "/v1/nodes/provision"),
+        ("PATCH", "/v1/nodes/tags/{action}"),
+        ("GET", "/v1/images"),
+        ("GET", "/v1/images/find"),
+        ("POST", "/v1/images"),
+        ("DELETE", "/v1/images"),
+    },
+}
+
+
+def test_every_client_route_is_checked_against_the_spec(server: FakeGrendel) -> None:
+    """Drive every client operation; each request must match an operation of the spec."""
+    client = GrendelClient(settings_for(server))
+    client.store_images([{"name": "img", "kernel": "/k"}])
+    client.find_image("img")
+    client.list_images()
+    client.store_hosts([host_to_doc(_host("n01", "aa:bb:cc:dd:ee:01", "10.0.0.1/24", image="img"))])
+    client.list_hosts()
+    client.set_provision(["n01"], False)
+    client.set_provision(["n01"], True)
+    client.tag_hosts(["n01"], ["a"])
+    client.tag_hosts(["n01"], ["a"], remove=True)
+    client.find_hosts_by_tags(["a"])
+    client.delete_hosts(["n01"])
+    client.delete_image("img")
+    used = set()
+    for seen in server.seen:
+        operation = server.operation_of(seen.method, seen.raw_path)
+        if operation is None:
+            assert (seen.method, seen.path, seen.status) == ("GET", "/v1/images", 404)  # the detection probe
+            continue
+        used.add((seen.method, operation))
+    assert used == CLIENT_ROUTES[server.api]
+
+
+# --------------------------------------------------------------------------
+# The interface's records
+
+
+def test_boot_records_normalise_and_refuse_bad_values() -> None:
+    host = BootHost(
+        name=" Node-01 ",
+        macs=("AA-BB-CC-DD-EE-01", "aabb.ccdd.ee02"),
+        ips=("10.0.0.1",),
+        image="Compute-Rocky9",
+        tags=("b", "a", "b"),
+    )
+    assert host.name == "node-01" and host.image == "compute-rocky9"
+    assert host.macs == ("aa:bb:cc:dd:ee:01", "aa:bb:cc:dd:ee:02")
+    assert host.ips == ("10.0.0.1/32",) and host.addresses == ("10.0.0.1",)
+    assert host.tags == ("a", "b") and host.boot_mac == "aa:bb:cc:dd:ee:01" and host.boot_ip == "10.0.0.1"
+    for kwargs, message in (
+        ({"name": "1node", "macs": ()}, "not a valid host name"),
+        ({"name": "n_1", "macs": ()}, "not a valid host name"),
+        ({"name": "n1", "macs": ("zz",)}, r"n1: mac: 'zz' is not a MAC address"),
+        ({"name": "n1", "macs": (), "ips": ("10.0.0.300",)}, "is not an IP address"),
+        ({"name": "n1", "macs": ("aa:bb:cc:dd:ee:01",), "ips": ("10.0.0.1", "10.0.0.2")}, "more addresses than MACs"),
+    ):
+        with pytest.raises(BootError, match=message):
+            BootHost(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(BootError, match="kernel is empty"):
+        BootImage(name="img", kernel="")
+
+
+def test_boot_host_from_an_inventory_node() -> None:
+    from provision.inventory import Bmc, Node, Secret
+
+    node = Node(
+        name="gpu01",
+        rack="r1",
+        mac="3C:EC:EF:10:01:01",
+        ip="10.10.1.11",
+        image=None,
+        bmc=Bmc(address="10.20.1.11", user="admin", password=Secret("env:X", lambda: "s3cret")),
+        groups=("compute",),
+    )
+    host = BootHost.from_node(node, network="10.10.0.0/16", default_image="compute-rocky9", tags=("gpu",))
+    assert host == BootHost(
+        name="gpu01",
+        macs=("3c:ec:ef:10:01:01",),
+        ips=("10.10.1.11/16",),
+        bmc_address="10.20.1.11",
+        image="compute-rocky9",
+        tags=("group=compute", "gpu", "rack=r1"),
+    )
+    assert "s3cret" not in repr(host) and "s3cret" not in json.dumps(host_to_doc(host))
+
+
+def test_a_foreign_host_does_not_break_listing(classic: FakeGrendel, caplog: pytest.LogCaptureFixture) -> None:
+    # An InfiniBand host put there by hand: a 20-byte IPoIB hardware address (NOTES §3.2).
+    ipoib = ":".join(["80"] + ["00"] * 19)
+    raw(classic, "POST", "/v1/host", json=[{"name": "ib01", "interfaces": [{"mac": ipoib, "ip": "10.1.0.1/24"}]}])
+    backend = backend_for(classic)
+    backend.put_hosts([_host("n01", "aa:bb:cc:dd:ee:01", "10.0.0.1/24")])
+    assert [h.name for h in backend.list_hosts()] == ["n01"]
+    assert "skipping host 'ib01'" in caplog.text

@@ -172,7 +172,11 @@ def test_node_sync_end_to_end(tmp_path: Path, classic: FakeGrendel) -> None:
     assert "has no image base-debian12, compute-rocky9" in missing.stderr
     assert classic.hosts == {}
 
-    _images(classic, settings, "base-debian12", "compute-rocky9")
+    pushed = provision("-i", site, "grendel", "push-images", "--all")
+    assert pushed.returncode == 0, pushed.stderr
+    assert pushed.stdout.strip() == f"registered 2 images at {classic.url}: base-debian12, compute-rocky9"
+    assert classic.images["compute-rocky9"]["liveimg"] == "/var/lib/grendel/compute-rocky9/rootfs.squashfs"
+    classic.seen.clear()
     dry = provision("-i", site, "node", "sync", "--all", "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
     report = json.loads(dry.stdout)
@@ -194,6 +198,10 @@ def test_node_sync_end_to_end(tmp_path: Path, classic: FakeGrendel) -> None:
         tags=("rack=t2",),
     )
 
+    status = provision("-i", site, "grendel", "status")
+    assert status.stdout.strip() == (
+        f"grendel classic API at {classic.url}: 5 hosts (5 set to provision), 2 images: base-debian12, compute-rocky9"
+    )
     again = provision("-i", site, "node", "sync", "--rack", "t2", "--json")
     assert [h["change"] for h in json.loads(again.stdout)["hosts"]] == ["unchanged"] * 3
 

@@ -18,6 +18,7 @@ OPENSSH = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----E
 def clean_tree(root: Path) -> Path:
     """A tree shaped like an image: shadow with locked accounts, public keys, code named token.py."""
     (root / "etc/ssh").mkdir(parents=True)
+    (root / "usr/bin").mkdir(parents=True)
     (root / "etc/shadow").write_text("root:*:19000:0:99999:7:::\ndaemon:!:19000::::::\nsshd:!*:19000::::::\n")
     (root / "etc/ssh/ssh_host_ed25519_key.pub").write_text("ssh-ed25519 AAAAC3Nza host\n")
     (root / "etc/machine-id").write_text("")
@@ -44,7 +45,11 @@ def test_clean_tree_passes(tmp_path: Path) -> None:
         ("etc/ssl/private/site.key", PEM_RSA, SecretKind.PRIVATE_KEY),
         ("opt/app/key.pem", PEM_PKCS8, SecretKind.PRIVATE_KEY),
         ("root/.ssh/id_ed25519", OPENSSH, SecretKind.PRIVATE_KEY),
-        ("etc/wireguard/wg0.conf", f"[Interface]\nAddress = 10.0.0.2/32\nPrivateKey = {WG_KEY}\n", SecretKind.WIREGUARD_KEY),
+        (
+            "etc/wireguard/wg0.conf",
+            f"[Interface]\nAddress = 10.0.0.2/32\nPrivateKey = {WG_KEY}\n",
+            SecretKind.WIREGUARD_KEY,
+        ),
         ("etc/wireguard/private.key", f"{WG_KEY}\n", SecretKind.WIREGUARD_KEY),
         ("etc/k0s/join-token", "H4sIAAAAAAAC/2xVS4/iOBK+8ys", SecretKind.TOKEN),
         ("var/lib/provision/api.token", "s3cr3t", SecretKind.TOKEN),
@@ -104,4 +109,16 @@ def test_empty_munge_key_and_symlinks_are_not_secrets(tmp_path: Path) -> None:
     (root / "etc/munge/munge.key").write_text("")
     (root / "etc/ssl/private").mkdir(parents=True)
     (root / "etc/ssl/private/link.key").symlink_to("/etc/ssl/certs/ca.pem")
+    assert scan(root) == []
+
+
+def test_empty_tree_is_an_error_not_a_pass(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="holds no root filesystem"):
+        require_clean(tmp_path)
+
+
+def test_binaries_quoting_pem_markers_are_not_keys(tmp_path: Path) -> None:
+    root = clean_tree(tmp_path)
+    (root / "usr/lib").mkdir(parents=True, exist_ok=True)
+    (root / "usr/lib/libssh2.so.1").write_bytes(b"\x7fELF\0\0" + PEM_RSA.encode() + b"\0")
     assert scan(root) == []

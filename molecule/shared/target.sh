@@ -69,6 +69,14 @@ create() {
     "$MIRROR_HOST" "$name" >"$dir/merged/etc/hosts"
   [ -e "/run/netns/$ns" ] || ip netns add "$ns"
   ip -n "$ns" link set lo up
+  # glibc's getaddrinfo(AI_ADDRCONFIG) (Slurm uses it) finds no IPv4 when only
+  # loopback holds addresses: give the namespace one documentation-range
+  # address on a bridge with no ports (nothing leaves the namespace).
+  if ! ip -n "$ns" link show node0 >/dev/null 2>&1; then
+    ip -n "$ns" link add node0 type bridge
+    ip -n "$ns" addr add 192.0.2.10/32 dev node0
+    ip -n "$ns" link set node0 up
+  fi
   if [ -f "$dir/nspawn.pid" ] && kill -0 "$(cat "$dir/nspawn.pid")" 2>/dev/null; then
     return 0
   fi

@@ -281,7 +281,7 @@ class BootBackend(Protocol):
         ...
 
     def set_provision(self, names: Sequence[str], provision: bool) -> list[str]:
-        """Allow (True) or stop (False) network boot/provisioning; returns the names changed."""
+        """Allow (True) or stop (False) network boot/provisioning; returns the known names among ``names``."""
         ...
 
     def close(self) -> None:

@@ -726,10 +726,17 @@ class BuiltinBackend:
         )
         return conf, self._template("dnsmasq.hosts.j2", leases=leases)
 
-    def render_nginx(self) -> str:
+    def render_nginx(self, hosts: Sequence[BootHost] = ()) -> str:
+        """nginx.conf. With static leases each node's script (it carries the token) is served to its address only."""
         cfg = self.config
+        pinned = []
+        if cfg.dhcp_mode is DhcpMode.STATIC:
+            for host in sorted(hosts, key=lambda h: h.name):
+                for mac, ip in zip(host.macs, host.addresses, strict=False):
+                    pinned.append({"file": f"{mac_file_name(mac)}.ipxe", "ip": ip})
         return self._template(
             "nginx.conf.j2",
+            pinned=pinned,
             workers=cfg.http_workers,
             user=self._user() if os.geteuid() == 0 else None,
             pid_file=self.run_dir / "nginx.own.pid",
@@ -799,7 +806,7 @@ class BuiltinBackend:
         conf, hosts_text = self.render_dnsmasq(list(reg.hosts.values()))
         _write_atomic(self.conf_file(Service.DNSMASQ), conf)
         hosts_changed = _write_atomic(self.conf_dir / "dnsmasq.hosts", hosts_text)
-        _write_atomic(self.conf_file(Service.NGINX), self.render_nginx())
+        nginx_changed = _write_atomic(self.conf_file(Service.NGINX), self.render_nginx(list(reg.hosts.values())))
         _write_atomic(self.docroot / "boot.ipxe", self._template("boot.ipxe.j2", base_url=self.config.base_url))
         self._sync_tftp()
         self._sync_images(reg)
@@ -815,7 +822,10 @@ class BuiltinBackend:
             if stale.name not in wanted:
                 stale.unlink()
         if hosts_changed:
-            self._signal(Service.DNSMASQ, signal.SIGHUP)
+            self._signal(Service.DNSMASQ, signal.SIGHUP)  # dnsmasq re-reads its hosts file
+        if nginx_changed and self._running_pid(Service.NGINX) is not None:
+            self._signal(Service.NGINX, signal.SIGHUP)  # graceful reload: downloads in flight go on
+            (self.run_dir / "nginx.confhash").write_text(self._conf_hash(Service.NGINX))
 
     def _sync_tftp(self) -> None:
         for binary in ("undionly.kpxe", "ipxe.efi", "snponly.efi"):

@@ -218,6 +218,8 @@ def merge(dhcp: Sequence[BootEvent], http: Sequence[BootEvent], hosts: Sequence[
             mac_of_ip[event.ip] = event.mac  # later HTTP requests from this address come from this MAC
             if event.node:
                 name_of_mac.setdefault(event.mac, event.node)
+        if event.phase is Phase.NODE_SCRIPT and event.mac and event.ip:
+            mac_of_ip[event.ip] = event.mac  # proxy-DHCP: the address came from another server
         if mac is None and event.ip:
             mac = mac_of_ip.get(event.ip)
         node = name_of_mac.get(mac or "") or event.node

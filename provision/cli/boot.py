@@ -19,8 +19,9 @@ from provision.cli.options import dry_run, get_selection, json_output, selection
 def sync(app: AppContext, dry_run: bool, as_json: bool) -> None:
     """Register the selected nodes with the boot backend (provision_boot_backend).
 
-    Only hosts that differ are written (MACs, addresses, BMC, image, tags,
-    provision flag); --dry-run shows what would change.
+    Only hosts that differ are written (MACs, addresses, BMC, image, tags);
+    a host the backend already knows keeps its provision flag. --dry-run
+    shows what would change.
     """
     nodes = app.select(get_selection())
     site = app.site

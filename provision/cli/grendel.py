@@ -12,14 +12,14 @@ import click
 
 from provision.boot.base import BootHost, backend_config
 from provision.cli.context import AppContext, emit_json, pass_app
-from provision.cli.options import get_selection, selection
+from provision.cli.options import dry_run, get_selection, json_output, selection
 from provision.errors import BootError
-from provision.grendel import GrendelSettings, export_documents, image_for_export
+from provision.grendel import GrendelClient, GrendelSettings, export_documents, image_for_export, image_to_doc
 
 
 @click.group()
 def grendel() -> None:
-    """Grendel boot server (ClusterFactory): export its hosts and images."""
+    """Grendel boot server (ClusterFactory): export, push images, status."""
 
 
 @grendel.command()
@@ -33,7 +33,9 @@ def grendel() -> None:
 @click.option("--only", type=click.Choice(["hosts", "images"]), help="Print only the hosts or the images array.")
 @pass_app
 def export(app: AppContext, output: Path | None, only: str | None) -> None:
-    """The hosts.json / images.json that Grendel's file loader and the
+    """Print or write Grendel's hosts.json and images.json (GitOps).
+
+    The files Grendel's file loader (grendel serve --hosts/--images) and the
     ClusterFactory Helm chart (config.hosts / config.images) take.
 
     \b
@@ -59,6 +61,56 @@ def export(app: AppContext, output: Path | None, only: str | None) -> None:
         _write_atomic(path, docs[key])
         written.append(f"{len(docs[key])} {key} to {path}")
     click.echo("wrote " + ", ".join(written))
+
+
+@grendel.command()
+@json_output
+@pass_app
+def status(app: AppContext, as_json: bool) -> None:
+    """Show which Grendel API answers, and what it holds."""
+    client = GrendelClient(GrendelSettings.from_config(backend_config(app.site)))
+    with client:
+        api = client.api
+        hosts, images = client.list_hosts(), client.list_images()
+    image_names = sorted(str(i["name"]) for i in images)
+    info: dict[str, Any] = {
+        "api": str(api),
+        "where": client.settings.where,
+        "hosts": len(hosts),
+        "provisioning": sum(1 for h in hosts if h.get("provision")),
+        "images": image_names,
+    }
+    if as_json:
+        emit_json(info)
+        return
+    click.echo(
+        f"grendel {api} API at {info['where']}: {info['hosts']} hosts ({info['provisioning']} set to provision), "
+        f"{len(images)} images{': ' + ', '.join(image_names) if images else ''}"
+    )
+
+
+@grendel.command("push-images")
+@selection
+@dry_run
+@pass_app
+def push_images(app: AppContext, dry_run: bool) -> None:
+    """Register the selected nodes' images through the API.
+
+    The same image documents as `export` (provision_grendel_repo_dir layout or
+    provision_grendel_images); the kernel, initrd and squashfs files must
+    already be in Grendel's repo directory.
+    """
+    nodes = app.select(get_selection())
+    config = backend_config(app.site)
+    settings = GrendelSettings.from_config(config)
+    names = sorted({image for n in nodes if (image := n.image or app.site.default_image)})
+    images = [image_for_export(str(name), config, settings.repo_dir) for name in names]
+    if dry_run:
+        click.echo(f"would register {len(images)} images at {settings.where}: {', '.join(names) or '-'}")
+        return
+    with GrendelClient(settings) as client:
+        client.store_images([image_to_doc(i) for i in images])
+    click.echo(f"registered {len(images)} images at {settings.where}: {', '.join(names) or '-'}")
 
 
 def _write_atomic(path: Path, data: Any) -> None:

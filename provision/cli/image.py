@@ -137,7 +137,11 @@ def build_cmd(
         else:
             hit = "hit" if data["bootstrap"]["cache_hit"] else "miss"
             err.print(f"would build {definition.name} ({definition.distro.value} {definition.release})")
-            err.print(f"  bootstrap: {data['bootstrap']['tool']}, cache {hit} {data['bootstrap']['cache_key'][:12]}")
+            boot = data["bootstrap"]
+            if boot["cache_key"]:
+                err.print(f"  bootstrap: {boot['tool']}, cache {hit} {boot['cache_key'][:12]}")
+            else:
+                err.print(f"  bootstrap: {boot['tool']}: {boot['tool_problem']}")
             err.print(f"  roles: {', '.join(definition.roles)}")
             err.print(f"  store: {image_store.root} (current: {data['current'] or 'none'})")
         return

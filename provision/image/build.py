@@ -25,12 +25,13 @@ from typing import Any, Protocol
 from provision import proc
 from provision.ansible import PlaybookError, TaskEvent, run_playbook
 from provision.catalog import PLAYBOOKS_DIR, ROLES_DIR
-from provision.errors import ImageError
+from provision.errors import CommandError, ImageError
 from provision.image import kernel, manifest, scan, squashfs
-from provision.image.cache import TAR_FLAGS, BootstrapCache
+from provision.image.cache import BootstrapCache
 from provision.image.chroot import Chroot, require_root
 from provision.image.definition import ImageDefinition
 from provision.image.distro import for_definition
+from provision.image.rootfs import RootOverlay
 from provision.image.store import ImageStore, ImageVersion
 
 IMAGE_PLAYBOOK = PLAYBOOKS_DIR / "image.yml"
@@ -162,7 +163,11 @@ def extravars_for(definition: ImageDefinition) -> dict[str, Any]:
 def plan(definition: ImageDefinition, store: ImageStore, cache: BootstrapCache) -> dict[str, Any]:
     """What a build would do (``--dry-run``): changes nothing."""
     bootstrapper = for_definition(definition)
-    key = cache.key(definition, bootstrapper)
+    try:
+        key: str | None = cache.key(definition, bootstrapper)
+        tool_problem = None
+    except CommandError as exc:  # the build would fail here; a plan still shows the rest
+        key, tool_problem = None, exc.message
     return {
         "name": definition.name,
         "distro": definition.distro.value,
@@ -170,7 +175,8 @@ def plan(definition: ImageDefinition, store: ImageStore, cache: BootstrapCache) 
         "bootstrap": {
             "tool": bootstrapper.tool,
             "cache_key": key,
-            "cache_hit": (cache.root / f"{key}.tar").is_file(),
+            "cache_hit": key is not None and (cache.root / key / "usr").is_dir(),
+            "tool_problem": tool_problem,
             "packages": len(definition.packages),
         },
         "roles": list(definition.roles),
@@ -178,11 +184,6 @@ def plan(definition: ImageDefinition, store: ImageStore, cache: BootstrapCache) 
         "current": store.current(definition.name).version if store.versions(definition.name) else None,
         "stages": [s.value for s in Stage],
     }
-
-
-def _unpack(tarball: Path, root: Path) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    proc.run(["tar", *TAR_FLAGS, "-xpf", tarball, "-C", root], timeout=1800)
 
 
 def _apply_roles(definition: ImageDefinition, root: Path, run: _Run) -> str:
@@ -221,6 +222,11 @@ def _apply_roles(definition: ImageDefinition, root: Path, run: _Run) -> str:
     return f"{result.tasks} tasks, {result.changed} changed"
 
 
+def _remove_build_leftovers(root: Path) -> None:
+    """What the build itself left in the tree (Ansible's remote temp directory)."""
+    proc.run(["rm", "-rf", "--one-file-system", root / "root/.ansible"])
+
+
 def build(
     definition: ImageDefinition,
     store: ImageStore,
@@ -238,31 +244,34 @@ def build(
         for stale in store.clean_stale():
             run.progress.message(f"removed a stale build directory {stale.name}")
         with store.staging(definition.name) as staging:
-            root, out = staging.rootfs, staging.out
-
+            out = staging.out
             with run.stage(Stage.BOOTSTRAP) as detail:
                 entry = cache.get_or_build(definition, bootstrapper, run.progress.message)
-                _unpack(entry.tarball, root)
-                detail.append(f"cache {'hit' if entry.hit else 'miss'} {entry.key[:12]}")
+                overlay = RootOverlay(entry.tree, staging.path)
+                root = overlay.__enter__()
+                detail.append(f"cache {'hit' if entry.hit else 'miss'} {entry.key[:12]} ({overlay.mode})")
+            try:
+                with Chroot(root) as chroot:
+                    with run.stage(Stage.ROLES) as detail:
+                        detail.append(_apply_roles(definition, root, run))
+                    with run.stage(Stage.INITRAMFS) as detail:
+                        kver = kernel.kernel_version(root)
+                        kernel.build_initramfs(chroot, definition, kver, out)
+                        detail.append(f"kernel {kver}")
+                _remove_build_leftovers(root)
 
-            with Chroot(root) as chroot:
-                with run.stage(Stage.ROLES) as detail:
-                    detail.append(_apply_roles(definition, root, run))
-                with run.stage(Stage.INITRAMFS) as detail:
-                    kver = kernel.kernel_version(root)
-                    kernel.build_initramfs(chroot, definition, kver, out)
-                    detail.append(f"kernel {kver}")
+                with run.stage(Stage.SCAN) as detail:
+                    scan.require_clean(root)
+                    detail.append("clean")
 
-            with run.stage(Stage.SCAN) as detail:
-                scan.require_clean(root)
-                detail.append("clean")
-
-            packages = bootstrapper.packages(root)
-            rootfs_bytes = squashfs.tree_size(root)
-            with run.stage(Stage.SQUASHFS) as detail:
-                squashfs.pack(root, out / "rootfs.squashfs", definition)
-                squashfs_bytes = (out / "rootfs.squashfs").stat().st_size
-                detail.append(f"{rootfs_bytes / 2**20:.0f} MiB -> {squashfs_bytes / 2**20:.0f} MiB")
+                packages = bootstrapper.packages(root)
+                rootfs_bytes = squashfs.tree_size(root)
+                with run.stage(Stage.SQUASHFS) as detail:
+                    squashfs.pack(root, out / "rootfs.squashfs", definition)
+                    squashfs_bytes = (out / "rootfs.squashfs").stat().st_size
+                    detail.append(f"{rootfs_bytes / 2**20:.0f} MiB -> {squashfs_bytes / 2**20:.0f} MiB")
+            finally:
+                overlay.__exit__(None, None, None)
 
             version = store.new_version(definition.name)
             with run.stage(Stage.MANIFEST) as detail:

@@ -1,10 +1,12 @@
-"""The bootstrap cache: a bootstrapped root filesystem, kept as a tar.
+"""The bootstrap cache: a bootstrapped root filesystem, kept as a directory.
 
 Keyed by every input of the bootstrap (distribution, release, mirrors,
 package list, bootstrap tool and its version, the hooks) and by nothing else,
-so that a rebuild after a role change extracts the tar instead of
-downloading again. Written to a partial file and renamed, under a lock, so a
-killed build never leaves a truncated entry behind.
+so that a rebuild after a role change does not download again. A build never
+writes into an entry: it mounts the entry read-only as the lower layer of an
+overlay (``provision.image.rootfs``), so reuse costs no copy at all. Entries
+are built in a partial directory and renamed, under a lock, so a killed build
+never leaves a truncated entry behind.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from provision.image.chroot import remove_tree
 from provision.image.definition import ImageDefinition
 from provision.image.distro import Bootstrapper
 
 # Bump when the way a cached tree is produced changes.
-CACHE_FORMAT = 1
-TAR_FLAGS = ("--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner")
+CACHE_FORMAT = 2
 
 
 def default_cache_dir() -> Path:
@@ -34,7 +36,7 @@ def default_cache_dir() -> Path:
 @dataclass(frozen=True)
 class CacheEntry:
     key: str
-    tarball: Path
+    tree: Path
     hit: bool
 
 
@@ -70,14 +72,14 @@ class BootstrapCache:
         self, definition: ImageDefinition, bootstrapper: Bootstrapper, log: Callable[[str], None]
     ) -> CacheEntry:
         key = self.key(definition, bootstrapper)
-        tarball = self.root / f"{key}.tar"
+        tree = self.root / key
         with self._locked(key):
-            if tarball.is_file():
+            if (tree / "usr").is_dir():
                 log(f"bootstrap cache hit {key[:12]}")
-                return CacheEntry(key, tarball, hit=True)
-            for stale in self.root.glob(f"{key}.partial-*"):
-                stale.unlink(missing_ok=True)
-            partial = self.root / f"{key}.partial-{os.getpid()}.tar"
+                return CacheEntry(key, tree, hit=True)
+            for stale in [*self.root.glob(f"{key}.partial-*"), *self.root.glob(f"{key}.work-*")]:
+                remove_tree(stale)
+            partial = self.root / f"{key}.partial-{os.getpid()}"
             workdir = self.root / f"{key}.work-{os.getpid()}"
             workdir.mkdir(parents=True, exist_ok=True)
             try:
@@ -85,14 +87,8 @@ class BootstrapCache:
                 (self.root / f"{key}.json").write_text(
                     json.dumps(self.inputs(definition, bootstrapper), indent=2, sort_keys=True) + "\n"
                 )
-                os.replace(partial, tarball)
+                os.rename(partial, tree)
             finally:
-                partial.unlink(missing_ok=True)
-                _rmtree(workdir)
-            return CacheEntry(key, tarball, hit=False)
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
+                remove_tree(partial)
+                remove_tree(workdir)
+            return CacheEntry(key, tree, hit=False)

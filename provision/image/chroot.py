@@ -51,24 +51,26 @@ def _unescape(field: str) -> str:
     return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 
 
-def mounts_under(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> list[Path]:
-    """Mount points at or below path, deepest first."""
+def mounts_under(
+    path: Path, mountinfo: Path = Path("/proc/self/mountinfo"), *, include_self: bool = True
+) -> list[Path]:
+    """Mount points below path (and at it, with include_self), deepest first."""
     base = os.path.realpath(path)
     found = []
     for line in mountinfo.read_text().splitlines():
         point = _unescape(line.split()[4])
-        if point == base or point.startswith(base.rstrip("/") + "/"):
+        if (include_self and point == base) or point.startswith(base.rstrip("/") + "/"):
             found.append(Path(point))
     return sorted(set(found), key=lambda p: len(p.parts), reverse=True)
 
 
-def unmount_all(path: Path) -> None:
-    """Unmount everything at or below path (lazily if busy); raise if any stays."""
-    for point in mounts_under(path):
+def unmount_all(path: Path, *, include_self: bool = True) -> None:
+    """Unmount everything below path (and at it); lazily if busy; raise if any stays."""
+    for point in mounts_under(path, include_self=include_self):
         result = proc.run(["umount", point], check=False)
         if result.returncode != 0:
             proc.run(["umount", "--lazy", point], check=False)
-    left = mounts_under(path)
+    left = mounts_under(path, include_self=include_self)
     if left:
         raise ImageError(f"could not unmount {left[0]}", hint=f"unmount it by hand: umount -l {left[0]}")
 
@@ -164,7 +166,7 @@ class Chroot:
                     errors.append(point)
         self._mounted.clear()
         try:
-            unmount_all(self.root)
+            unmount_all(self.root, include_self=False)  # the root itself may be the build's overlay
         except ImageError:
             errors.append(self.root)
         if errors:

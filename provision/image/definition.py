@@ -220,7 +220,7 @@ def _mapping(image: str, key: str, value: Any) -> dict[str, Any]:
 
 
 def _enum(image: str, key: str, value: Any, enum: type[StrEnum]) -> Any:
-    choices = ", ".join(e.value for e in enum)  # type: ignore[attr-defined]
+    choices = ", ".join(e.value for e in enum)
     try:
         return enum(str(value))
     except ValueError:

@@ -65,7 +65,7 @@ def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
 
 
 def _shadow(root: Path) -> list[Finding]:
-    findings = []
+    findings: list[Finding] = []
     shadow = root / "etc/shadow"
     if not shadow.is_file():
         return findings
@@ -100,6 +100,8 @@ def scan(root: Path) -> list[Finding]:
                 data = handle.read(_MAX_READ)
         except OSError:
             continue
+        if b"\0" in data:
+            continue  # binaries carry PEM markers as strings; key files are text
         if _PEM.search(data):
             findings.append(Finding(path, SecretKind.PRIVATE_KEY))
         elif _WG_KEY.search(data) or (path.startswith("/etc/wireguard/") and _WG_BARE.match(data)):
@@ -110,6 +112,8 @@ def scan(root: Path) -> list[Finding]:
 
 def require_clean(root: Path) -> None:
     """Raise ImageError naming the first secret found (and how many)."""
+    if not (root / "etc").is_dir() or not (root / "usr").is_dir():
+        raise ImageError(f"{root} holds no root filesystem (no /etc, /usr) to scan", hint="report this as a bug")
     findings = scan(root)
     if findings:
         more = f" and {len(findings) - 1} more" if len(findings) > 1 else ""

@@ -30,8 +30,8 @@ class Bootstrapper(Protocol):
         """Everything that changes the bootstrap result, JSON-serialisable."""
         ...
 
-    def bootstrap(self, definition: ImageDefinition, tarball: Path, workdir: Path, log: LogFn) -> None:
-        """Write the bootstrapped root filesystem as an uncompressed tar."""
+    def bootstrap(self, definition: ImageDefinition, target: Path, workdir: Path, log: LogFn) -> None:
+        """Bootstrap a root filesystem into the directory target (created here)."""
         ...
 
     def packages(self, root: Path) -> list[dict[str, str]]:

@@ -56,18 +56,18 @@ class Debian:
             "hooks": [_ESSENTIAL_HOOK, _CUSTOMIZE_HOOK],
         }
 
-    def bootstrap(self, definition: ImageDefinition, tarball: Path, workdir: Path, log: Callable[[str], None]) -> None:
+    def bootstrap(self, definition: ImageDefinition, target: Path, workdir: Path, log: Callable[[str], None]) -> None:
         argv = [
             self.tool,
             "--mode=root",
             "--variant=minbase",
-            "--format=tar",
+            "--format=directory",
             f"--components={','.join(definition.components)}",
             f"--include={','.join(definition.packages)}",
             f"--essential-hook={_ESSENTIAL_HOOK}",
             f"--customize-hook={_CUSTOMIZE_HOOK}",
             definition.release,
-            str(tarball),
+            str(target),
             *self.sources(definition),
         ]
         log(f"mmdebstrap {definition.release} ({len(definition.packages)} packages)")

@@ -52,13 +52,13 @@ class RedHat:
             "masked": list(_MASKED_PLUGINS),
         }
 
-    def bootstrap(self, definition: ImageDefinition, tarball: Path, workdir: Path, log: Callable[[str], None]) -> None:
+    def bootstrap(self, definition: ImageDefinition, target: Path, workdir: Path, log: Callable[[str], None]) -> None:
         if "gpgkey" not in definition.mirrors:
             raise ImageError(
                 f"image {definition.name}: mirrors: no 'gpgkey'",
                 hint="add `gpgkey: URL` of the distribution's signing key (a local copy on air-gapped sites)",
             )
-        root = workdir / "installroot"
+        root = target
         reposdir = workdir / "repos"
         shutil.rmtree(root, ignore_errors=True)
         reposdir.mkdir(parents=True, exist_ok=True)
@@ -88,10 +88,6 @@ class RedHat:
         for initrd in (root / "boot").glob("initramfs-*.img"):
             initrd.unlink()
         shutil.rmtree(root / "var/cache/dnf", ignore_errors=True)
-        proc.run(
-            ["tar", "--xattrs", "--xattrs-include=*", "--acls", "--numeric-owner", "-C", root, "-cf", tarball, "."]
-        )
-        shutil.rmtree(root, ignore_errors=True)
 
     def packages(self, root: Path) -> list[dict[str, str]]:
         out = proc.run(["chroot", root, "rpm", "-qa", "--qf", "%{NAME}\t%{EPOCHNUM}:%{VERSION}-%{RELEASE}\t%{ARCH}\n"])
