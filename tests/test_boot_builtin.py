@@ -46,7 +46,7 @@ def make_store(root: Path, versions: tuple[str, ...] = (V1, V2), squashfs_size: 
         with open(vdir / "rootfs.squashfs", "wb") as fh:
             fh.write(os.urandom(squashfs_size))
         (vdir / "manifest.json").write_text(
-            json.dumps({"name": IMAGE, "version": version, "kernel": {"cmdline": "quiet"}})
+            json.dumps({"name": IMAGE, "version": version, "kernel": {"cmdline": "rd.neednet=1 ip=dhcp quiet"}})
         )
     (root / IMAGE / "current").symlink_to(versions[-1])
     return root
@@ -145,7 +145,8 @@ def test_static_mode_renders_leases_scripts_and_links(site_path: Path, store: Pa
     )
     assert f"initrd --name initrd.img {base}/initrd.img" in script
     assert "systemd.hostname=node01 provision.node=node01 provision.ip=10.99.0.11" in script
-    assert f"provision.token={tokens['node01']} quiet" in script  # the image's extras come last
+    assert f"provision.token={tokens['node01']} quiet || goto failed" in script  # the image's extras come last
+    assert script.count("rd.neednet=1") == 1 and script.count(" ip=dhcp") == 1  # ...without repeats
     assert tokens["node01"] != tokens["node02"] and len(tokens["node01"]) >= 32
     # Tokens: only in the 0600 token file and the node's own 0600 script.
     assert backend.tokens_path.stat().st_mode & 0o777 == 0o600
@@ -396,6 +397,9 @@ def test_serve_and_stop_are_idempotent_in_a_netns(tmp_path: Path, store: Path, n
         assert "provision.node=node02" in script and "provision.token=" in script
         denied = in_ns(netns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", node02_url).stdout
         assert denied == "403"
+        report = json.loads(provision_cli(site_path, "boot", "events", "--json").stdout)
+        assert [e["phase"] for e in report["node02"]] == ["node-script"]  # matched by the MAC in its path
+        assert report["node02"][0]["ip"] == "10.99.0.12"
         assert (
             in_ns(
                 netns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://10.99.0.1/conf/nginx.conf"

@@ -135,3 +135,39 @@ def test_read_events_from_files(tmp_path: Path) -> None:
     assert events[-1].phase is Phase.ROOTFS and events[-1].node == "node01"
     assert read_events(tmp_path / "missing.log", tmp_path / "missing2.log") == []
     assert events[-1].as_dict()["phase"] == "rootfs"
+
+
+PROXY_LOG = """\
+Nov 22 06:14:47 dnsmasq-dhcp[23843]: 152668011 vendor class: PXEClient:Arch:00000:UNDI:002001
+Nov 22 06:14:47 dnsmasq-dhcp[23843]: 152668011 user class: iPXE
+Nov 22 06:14:47 dnsmasq-dhcp[23843]: 152668011 PXE(br0) 52:54:00:99:00:22 proxy
+Nov 22 06:14:47 dnsmasq-dhcp[23843]: 152668011 tags: provision, ipxe, br0
+Nov 22 06:14:47 dnsmasq-dhcp[23843]: 152668011 broadcast response
+Nov 22 06:15:03 dnsmasq-dhcp[23843]: 0 vendor class: PXEClient
+Nov 22 06:15:03 dnsmasq-dhcp[23843]: 0 user class: iPXE
+Nov 22 06:15:03 dnsmasq-dhcp[23843]: 0 PXE(br0) 10.99.0.133 52:54:00:99:00:22 http://10.99.0.1/boot.ipxe
+Nov 22 06:15:03 dnsmasq-dhcp[23843]: 0 bootfile name: http://10.99.0.1/boot.ipxe
+"""
+PROXY_HTTP = """\
+1795328103.299 10.99.0.133 "GET /boot.ipxe HTTP/1.1" 200 371 0.000 "iPXE/1.0.0+git-20190125.36a4c85-5.1"
+1795328103.340 10.99.0.133 "GET /boot/52-54-00-99-00-22.ipxe HTTP/1.1" 200 787 0.000 "iPXE/1.0.0+git-20190125.36a4c85-5.1"
+1795328103.954 10.99.0.133 "GET /images/testimg/v1/vmlinuz HTTP/1.1" 200 8222656 0.597 "iPXE/1.0.0+git-20190125.36a4c85-5.1"
+"""
+
+
+def test_proxy_dhcp_lines_and_addresses_from_another_server() -> None:
+    dhcp = parse_dnsmasq(PROXY_LOG.splitlines(), now=NOW)
+    assert [(e.phase, e.ip, e.detail, e.client) for e in dhcp] == [
+        (Phase.DHCP_PROXY, None, "proxy", Client.IPXE),
+        (Phase.DHCP_PROXY, "10.99.0.133", "http://10.99.0.1/boot.ipxe", Client.IPXE),
+    ]
+    host = BootHost(name="node02", macs=("52:54:00:99:00:22",))  # no address: another server leased it
+    timeline = merge(dhcp, parse_http(PROXY_HTTP.splitlines()), [host])
+    # The node script's path names the MAC, so the kernel fetched from the same address is node02's too.
+    assert [(e.phase, e.node) for e in timeline] == [
+        (Phase.DHCP_PROXY, "node02"),
+        (Phase.DHCP_PROXY, "node02"),
+        (Phase.IPXE_SCRIPT, "node02"),
+        (Phase.NODE_SCRIPT, "node02"),
+        (Phase.KERNEL, "node02"),
+    ]

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from provision.image.store import ImageStore, sha256_file
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "inventory" / "example"

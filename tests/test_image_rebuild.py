@@ -6,6 +6,7 @@ These build into the session's store after the shared base-debian12 build
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -129,10 +130,8 @@ def test_killed_build_publishes_nothing(
         os.killpg(build.pid, signal.SIGKILL)
         build.wait(timeout=30)
         for pid in helpers:  # what a service manager does with the unit's control group
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         time.sleep(1)
     assert store.current("base-debian12") == before
     assert [v.version for v in store.versions("base-debian12")] == versions_before

@@ -776,8 +776,9 @@ class BuiltinBackend:
             args.append(f"provision.server={cfg.base_url}")
             if token:
                 args.append(f"provision.token={token}")
-            if record.cmdline:
-                args.append(record.cmdline)
+            present = {word for arg in args for word in arg.split()}
+            # The image's extras, without repeating what is already there (images often list the same dracut options).
+            args += [word for word in record.cmdline.split() if word not in present]
             values["image"] = {
                 "name": image_name,
                 "version": version,

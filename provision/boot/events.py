@@ -33,6 +33,7 @@ class Phase(StrEnum):
 
     DHCP_DISCOVER = "dhcp-discover"
     DHCP_OFFER = "dhcp-offer"
+    DHCP_PROXY = "dhcp-proxy"  # proxy-DHCP: boot information beside another server's lease
     DHCP_ACK = "dhcp-ack"
     DHCP_NAK = "dhcp-nak"
     TFTP_LOADER = "tftp-loader"  # iPXE fetched over TFTP by firmware PXE
@@ -86,6 +87,10 @@ _DHCP_MESSAGE = re.compile(
     r"^(?:(?P<xid>\d+) )?DHCP(?P<msg>DISCOVER|OFFER|REQUEST|ACK|NAK)\((?P<iface>[^)]*)\) "
     r"(?:(?P<ip>\d+\.\d+\.\d+\.\d+) )?(?P<mac>[0-9a-f]{2}(?::[0-9a-f]{2}){5})(?: (?P<rest>.*))?$"
 )
+_PXE_MESSAGE = re.compile(
+    r"^(?:(?P<xid>\d+) )?PXE\((?P<iface>[^)]*)\) (?:(?P<ip>\d+\.\d+\.\d+\.\d+) )?"
+    r"(?P<mac>[0-9a-f]{2}(?::[0-9a-f]{2}){5})(?: (?P<rest>.*))?$"
+)
 _XID_INFO = re.compile(r"^(?P<xid>\d+) (?P<key>vendor class|user class): (?P<value>.*)$")
 _TFTP_SENT = re.compile(r"^sent (?P<path>\S+) to (?P<ip>[0-9.]+)$")
 _DHCP_PHASE = {"DISCOVER": Phase.DHCP_DISCOVER, "OFFER": Phase.DHCP_OFFER, "ACK": Phase.DHCP_ACK, "NAK": Phase.DHCP_NAK}
@@ -98,6 +103,14 @@ def _dnsmasq_time(stamp: str, now: datetime) -> datetime:
     if local - now > timedelta(days=1):  # a December line read in January
         local = naive.replace(year=now.year - 1).astimezone()
     return local
+
+
+def _client(vendor: Mapping[str, str], user: Mapping[str, str], xid: str) -> Client:
+    if user.get(xid, "").startswith("iPXE"):
+        return Client.IPXE
+    if vendor.get(xid, "").startswith("PXEClient"):
+        return Client.PXE
+    return Client.OS
 
 
 def parse_dnsmasq(lines: Iterable[str], *, now: datetime | None = None) -> list[BootEvent]:
@@ -123,16 +136,18 @@ def parse_dnsmasq(lines: Iterable[str], *, now: datetime | None = None) -> list[
         if info:
             (vendor if info["key"] == "vendor class" else user)[info["xid"]] = info["value"]
             continue
+        pxe = _PXE_MESSAGE.match(text)
+        if pxe:
+            when = _dnsmasq_time(match["stamp"], now)
+            client = _client(vendor, user, pxe["xid"] or "")
+            detail = (pxe["rest"] or "").strip()
+            events.append(BootEvent(when, Phase.DHCP_PROXY, mac=pxe["mac"], ip=pxe["ip"], client=client, detail=detail))
+            continue
         message = _DHCP_MESSAGE.match(text)
         if not message or message["msg"] not in _DHCP_PHASE:
             continue
         xid = message["xid"] or ""
-        if user.get(xid, "").startswith("iPXE"):
-            client = Client.IPXE
-        elif vendor.get(xid, "").startswith("PXEClient"):
-            client = Client.PXE
-        else:
-            client = Client.OS
+        client = _client(vendor, user, xid)
         rest = (message["rest"] or "").strip()
         events.append(
             BootEvent(
@@ -207,21 +222,33 @@ def _sort_key(event: BootEvent) -> tuple[int, int, float]:
 
 
 def merge(dhcp: Sequence[BootEvent], http: Sequence[BootEvent], hosts: Sequence[BootHost] = ()) -> list[BootEvent]:
-    """Both sources in one timeline, each event with its MAC and node name where known."""
+    """Both sources in one timeline, each event with its MAC and node name where known.
+
+    An HTTP request is matched to a MAC through its source address: the MAC
+    leased that address last (DHCPACK) or fetched its own script from it (the
+    only way under proxy-DHCP, where another server leases); a request made
+    before any such evidence (the generic boot.ipxe) takes the next one.
+    """
     name_of_mac = {mac: h.name for h in hosts for mac in h.macs}
-    mac_of_ip: dict[str, str] = {ip: mac for h in hosts for mac, ip in zip(h.macs, h.addresses, strict=False)}
+    static_ips = {ip: mac for h in hosts for mac, ip in zip(h.macs, h.addresses, strict=False)}
     timeline = sorted([*dhcp, *http], key=_sort_key)
-    out: list[BootEvent] = []
+    evidence: dict[str, list[tuple[float, str]]] = {}
     for event in timeline:
-        mac = event.mac
-        if event.phase is Phase.DHCP_ACK and event.mac and event.ip:
-            mac_of_ip[event.ip] = event.mac  # later HTTP requests from this address come from this MAC
+        if event.phase in (Phase.DHCP_ACK, Phase.NODE_SCRIPT) and event.mac and event.ip:
+            evidence.setdefault(event.ip, []).append((event.time.timestamp(), event.mac))
             if event.node:
                 name_of_mac.setdefault(event.mac, event.node)
-        if event.phase is Phase.NODE_SCRIPT and event.mac and event.ip:
-            mac_of_ip[event.ip] = event.mac  # proxy-DHCP: the address came from another server
-        if mac is None and event.ip:
-            mac = mac_of_ip.get(event.ip)
+
+    def mac_for(ip: str, when: float) -> str | None:
+        seen = evidence.get(ip, [])
+        before = [mac for t, mac in seen if t <= when + 1]  # dnsmasq's whole seconds
+        if before:
+            return before[-1]
+        return seen[0][1] if seen else static_ips.get(ip)
+
+    out: list[BootEvent] = []
+    for event in timeline:
+        mac = event.mac or (mac_for(event.ip, event.time.timestamp()) if event.ip else None)
         node = name_of_mac.get(mac or "") or event.node
         out.append(
             BootEvent(
