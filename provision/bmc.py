@@ -25,10 +25,14 @@ pyghmi's OEM probe (one Get Device ID round trip per session).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import logging
+import os
 import socket
+import sys
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -185,6 +189,43 @@ def install_recv_fix(pyghmi_session: Any) -> None:
     pyghmi_session._io_recvfrom = _io_recvfrom
     pyghmi_session._provision_recv_fix = True
 
+
+def _reset_pyghmi_after_fork() -> None:
+    """Give a forked child a fresh pyghmi: no inherited I/O thread or sessions.
+
+    pyghmi keeps its I/O thread, sockets, session tables and locks at module
+    level. A child forked from a process that already used pyghmi would wait
+    forever on an I/O thread that does not exist in it; the fan-out's worker
+    processes start from a clean slate instead.
+    """
+    mod = sys.modules.get("pyghmi.ipmi.private.session")
+    if mod is None or mod.iothread is None:
+        return
+    for sock in mod.iosockets:
+        with contextlib.suppress(OSError):
+            sock.close()
+    mod.iothread = None
+    mod.iothreadready = False
+    mod.iothreadwaiters = []
+    mod.ioqueue = collections.deque()
+    mod.sessionqueue = collections.deque()
+    mod.iosockets = []
+    mod.selectdeadline = 0
+    mod.myself = None
+    mod.KEEPALIVE_SESSIONS = threading.RLock()
+    mod.WAITING_SESSIONS = threading.RLock()
+    session = mod.Session
+    session.bmc_handlers = {}
+    session.waiting_sessions = {}
+    session.initting_sessions = {}
+    session.keepalive_sessions = {}
+    session.peeraddr_to_nodes = {}
+    session.iterwaiters = []
+    session.socketpool = {}
+    session.socketchecking = None
+
+
+os.register_at_fork(after_in_child=_reset_pyghmi_after_fork)
 
 _NEGOTIATING_SESSION: type[Any] | None = None
 

@@ -13,7 +13,9 @@ worker processes, each with its share of the threads: for libraries such as
 pyghmi whose per-call cost is Python CPU time under one GIL, processes are
 what scales (measured in bench/bmc_fanout.py). Forked workers inherit
 ``task`` and the items (nothing is pickled on the way in; outcomes come back
-pickled), so tasks may close over unpicklable state such as secrets.
+pickled), so tasks may close over unpicklable state such as secrets. A
+library with process-wide I/O state must reset it in the child
+(os.register_at_fork); provision.bmc does so for pyghmi.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import logging
 import math
 import multiprocessing
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -231,10 +232,6 @@ def _shard_worker(shard: list[int]) -> list[tuple[int, Outcome]]:
 
 def _run_processes(job: _Job[Any], indexes: list[int], processes: int) -> list[tuple[int, Outcome]]:
     global _FORKED_JOB
-    if threading.active_count() > 1:
-        # Forking a threaded process copies locks mid-use; stay in-process.
-        log.debug("other threads are running: fan-out stays in this process")
-        return _run_threads(job, indexes, job.options.fanout)
     shards = [indexes[i::processes] for i in range(processes)]
     ctx = multiprocessing.get_context("fork")
     _FORKED_JOB = job

@@ -185,7 +185,12 @@ def _server_classes() -> tuple[type[Any], type[Any]]:
             super().__init__(*args, **kwargs)  # sends the Open Session Response
             self._open_reply = bytes(self.netpacket)
 
-        def _resend(self, packet: bytes) -> None:
+        def _resend(self, packet: bytes, tag: int | None = None) -> None:
+            """Send a cached handshake message again, answering the request's message tag."""
+            if tag is not None:
+                copy = bytearray(packet)
+                copy[16] = tag  # the first payload byte, after the 16-byte RMCP+ header
+                packet = bytes(copy)
             ipmisession._io_sendto(self.socket, packet, self.sockaddr)
 
         def _forget(self) -> None:
@@ -216,11 +221,12 @@ def _server_classes() -> tuple[type[Any], type[Any]]:
             return super()._handle_ipmi_packet(data, sockaddr=sockaddr, qent=qent)
 
         # The handshake answers are idempotent: a retransmitted request (the
-        # console timed out while this process was busy) gets the same
-        # answer again, byte for byte, instead of a new session or new keys.
+        # console timed out while this process was busy) gets the same answer
+        # again (under the retransmission's message tag: FreeIPMI changes the
+        # tag on each retry) instead of a new session or new keys.
         def _got_rmcp_openrequest(self, data: bytearray) -> None:
             if bytes(data[4:8]) == bytes(self.clientsessionid):
-                self._resend(self._open_reply)
+                self._resend(self._open_reply, tag=data[0])
                 return
             # A new console session from the same address and port.
             NegotiatingServerSession(
@@ -262,7 +268,7 @@ def _server_classes() -> tuple[type[Any], type[Any]]:
             if getattr(self, "suite", None) is None or bytes(data[4:8]) != bytes(self.managedsessionid):
                 return
             if hasattr(self, "_rakp2_reply") and bytes(data[8:24]) == bytes(self.Rm):
-                self._resend(self._rakp2_reply)
+                self._resend(self._rakp2_reply, tag=data[0])
                 return
             # A first RAKP1, or a console starting the exchange over with a
             # new random number: the session is (again) not established.
@@ -303,7 +309,7 @@ def _server_classes() -> tuple[type[Any], type[Any]]:
             if bytes(data[4:8]) != bytes(self.managedsessionid) or data[1] != 0:
                 return  # not ours, or the console rejected RAKP2 (e.g. wrong password)
             if hasattr(self, "_rakp4_reply") and bytes(data[8:]) == self._rakp3_code:
-                self._resend(self._rakp4_reply)
+                self._resend(self._rakp4_reply, tag=data[0])
                 return
             tag = data[0]
             namepart = struct.pack("2B", self.rolem, len(self.username)) + self.username
@@ -684,7 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.count, base_port=args.base_port, user=args.user, password=password, prefix=args.prefix, power=args.power
     )
     fleet = VbmcFleet(specs, args.state_dir, per_process=args.per_process).start()
-    print(f"{len(specs)} virtual BMCs on 127.0.0.1:{specs[0].port}-{specs[-1].port}, state in {args.state_dir}")
+    print(f"{len(specs)} virtual BMCs on 127.0.0.1:{specs[0].port}-{specs[-1].port}, state in {args.state_dir}", flush=True)
     try:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while all(p.poll() is None for p in fleet.processes):

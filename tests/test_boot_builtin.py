@@ -62,7 +62,7 @@ def make_inventory(
     (site / "hosts.yml").write_text(yaml.safe_dump(hosts))
     all_vars = {
         "provision_network": "10.99.0.0/24",
-        "provision_gateway": "10.99.0.1",
+        "provision_gateway": "10.99.0.254",
         "provision_state_dir": str(tmp_path / "state"),
         "provision_default_image": IMAGE,
         "provision_image_store": str(store),
@@ -117,7 +117,7 @@ def test_static_mode_renders_leases_scripts_and_links(site_path: Path, store: Pa
         "port=0",
         "dhcp-range=set:provision,10.99.0.0,static,255.255.255.0,12h",
         f"dhcp-hostsfile={backend.conf_dir / 'dnsmasq.hosts'}",
-        "dhcp-option=tag:provision,option:router,10.99.0.1",
+        "dhcp-option=tag:provision,option:router,10.99.0.254",
         "enable-ra",
         "dhcp-range=::,constructor:*,ra-only",
         "dhcp-match=set:ipxe,175",
@@ -200,6 +200,7 @@ def test_proxy_mode_renders_pxe_services_without_leases(tmp_path: Path, store: P
             "provision_boot_router_advertisements: 'maybe' is not a boolean",
         ),
         ({"provision_network": "fd00::/64"}, "provision_network: must be an IPv4 subnet"),
+        ({"provision_gateway": "10.99.0.1"}, "provision_boot_address: missing, and 10.99.0.1"),
     ],
 )
 def test_bad_settings_name_the_variable(extra: dict[str, Any], message: str) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +159,170 @@ def test_admin_side_checks_fail_per_node_with_a_message(tmp_path: Path) -> None:
     assert ssh_args("acceptnew") == (
         f"-o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={known / 'acceptnew'} -o HostKeyAlias=acceptnew"
     )
+
+
+# -- vm: the real join, against a booted systemd node ------------------------------------
+
+ROOTFS_PACKAGES = "systemd,systemd-sysv,dbus,openssh-server,python3,munge,slurmd,slurm-client,iproute2,procps"
+# Prints the host key made at this boot on the console, as a stateless node does:
+# the test (like `provision node boot`) pins it from there, never from the network.
+HOSTKEY_UNIT = """[Unit]
+Description=Make SSH host keys for this boot and print them on the console
+Before=ssh.service
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c 'ssh-keygen -A && echo "provision-hostkey $(cut -d" " -f1,2 /etc/ssh/ssh_host_ed25519_key.pub)" >/dev/console'
+RemainAfterExit=yes
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+@pytest.fixture(scope="session")
+def node_rootfs(request: pytest.FixtureRequest) -> Path:
+    """A Debian 12 tree with systemd, sshd, munge and slurmd -- no host keys, no MUNGE key. Cached."""
+    cache = Path(request.config.cache.mkdir("join-node-rootfs-v1"))
+    rootfs = cache / "rootfs"
+    if (cache / "complete").is_file():
+        return rootfs
+    shutil.rmtree(rootfs, ignore_errors=True)
+    subprocess.run(
+        ["mmdebstrap", "--mode=root", "--variant=minbase", f"--include={ROOTFS_PACKAGES}", "bookworm", str(rootfs)],
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
+    for key in (rootfs / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    (rootfs / "etc/munge/munge.key").unlink(missing_ok=True)
+    (rootfs / "etc/hostname").write_text("node01\n")
+    (rootfs / "etc/systemd/system/provision-test-hostkey.service").write_text(HOSTKEY_UNIT)
+    wants = rootfs / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    (wants / "provision-test-hostkey.service").symlink_to("/etc/systemd/system/provision-test-hostkey.service")
+    (cache / "complete").write_text("ok\n")
+    return rootfs
+
+
+def _stats(proc: subprocess.CompletedProcess[str]) -> dict[str, int]:
+    return dict(json.loads(proc.stdout)["stats"]["node01"])
+
+
+@pytest.mark.vm
+@pytest.mark.skipif(shutil.which("systemd-nspawn") is None, reason="systemd-container is installed by ./run setup")
+def test_join_a_booted_node_for_real(tmp_path: Path, node_rootfs: Path) -> None:
+    """join.yml over SSH against a systemd node (nspawn, volatile root) in its own netns, slurmctld real."""
+    from test_lab_control import CTL_ADDR, NODE, NODE_ADDR, Rack, rack_namespaces
+
+    from provision.lab import ControlPlane, ControlPlaneConfig, LabNode
+    from provision.proc import spawn
+
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "id")], check=True)
+    with rack_namespaces() as r:
+        assert isinstance(r, Rack)
+        cp = ControlPlane(
+            tmp_path / "ctl", ControlPlaneConfig(address=CTL_ADDR, netns=r.ctl_ns, nodes=(LabNode(NODE, NODE_ADDR),))
+        )
+        console = tmp_path / "console.log"
+        node = None
+        try:
+            cp.start()
+            nspawn = ["systemd-nspawn", "-q", "--register=no", "--keep-unit", "--console=passive"]
+            # --volatile=overlay: the tree stays untouched, every boot starts clean (stateless).
+            nspawn += ["--volatile=overlay", "-D", str(node_rootfs), "-b", f"--hostname={NODE}"]
+            nspawn += [f"--network-namespace-path=/run/netns/{r.node_ns}"]
+            nspawn += [f"--bind-ro={tmp_path / 'id.pub'}:/root/.ssh/authorized_keys"]
+            node = spawn(
+                nspawn,
+                log_path=console,
+            )
+            # The host key comes from the console, as on a real node's serial line.
+            deadline = time.monotonic() + 120
+            hostkey = ""
+            while not hostkey:
+                assert time.monotonic() < deadline, console.read_text()[-3000:]
+                assert node.poll() is None, console.read_text()[-3000:]
+                for line in console.read_text(errors="replace").splitlines():
+                    if line.startswith("provision-hostkey ssh-ed25519 "):
+                        hostkey = line.split(" ", 1)[1].strip()
+                time.sleep(0.5)
+            inv = tmp_path / "inventory"
+            (inv / ".state" / "known_hosts").mkdir(parents=True)
+            (inv / ".state" / "known_hosts" / NODE).write_text(f"{NODE} {hostkey}\n")
+            (inv / "hosts.yml").write_text(
+                yaml.safe_dump(
+                    {
+                        "all": {
+                            "vars": {
+                                "provision_state_dir": ".state",
+                                "slurm_controller_host": "localhost",
+                                "slurm_conf_server": cp.conf_server,
+                                "munge_key_file": str(cp.munge_key),
+                                "join_sssd": False,
+                                "join_k0s": False,
+                                "join_slurm_sinfo": [str(cp.bin_dir / "sinfo")],
+                                "join_slurm_scontrol": [str(cp.bin_dir / "scontrol")],
+                            },
+                            "hosts": {
+                                "localhost": {
+                                    "ansible_connection": "local",
+                                    "ansible_python_interpreter": sys.executable,
+                                }
+                            },
+                            "children": {
+                                "compute": {
+                                    "hosts": {
+                                        NODE: {
+                                            "ansible_host": NODE_ADDR,
+                                            "ansible_user": "root",
+                                            "ansible_ssh_private_key_file": str(tmp_path / "id"),
+                                            "ansible_python_interpreter": "/usr/bin/python3",
+                                        }
+                                    }
+                                }
+                            },
+                        }
+                    }
+                )
+            )
+
+            def join(*args: str) -> subprocess.CompletedProcess[str]:
+                # ansible-playbook runs in the control node's namespace: the admin side of the lab.
+                argv = [
+                    "ip",
+                    "netns",
+                    "exec",
+                    r.ctl_ns,
+                    str(BIN / "ansible-playbook"),
+                    "-i",
+                    str(inv),
+                    str(JOIN),
+                    *args,
+                ]
+                env = _env(ANSIBLE_STDOUT_CALLBACK="ansible.builtin.json")
+                return subprocess.run(argv, env=env, capture_output=True, text=True, check=False, timeout=600)
+
+            first = join()
+            assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
+            assert _stats(first)["changed"] > 0
+            assert cp.node_states([NODE]) == {NODE: "idle"}
+            assert cp.run(["srun", "-N1", "-w", NODE, "hostname"], timeout=60).stdout.strip() == NODE
+            # The key never shows in the output.
+            assert cp.munge_key.read_bytes().hex()[:32] not in first.stdout.encode().hex()
+
+            again = join()
+            assert again.returncode == 0, again.stdout[-4000:]
+            assert _stats(again)["changed"] == 0  # idempotent
+            check = join("--check", "--diff")
+            assert check.returncode == 0, check.stdout[-4000:]
+            assert _stats(check)["changed"] == 0
+        finally:
+            if node is not None:
+                node.terminate()
+                try:
+                    node.wait(60)
+                except subprocess.TimeoutExpired:
+                    node.kill()
+                    node.wait()
+            cp.stop()
+        assert cp.sandbox.processes() == []

@@ -8,6 +8,8 @@ tests check configuration and bad input without starting anything.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import socket
@@ -106,6 +108,23 @@ def test_cgroups_option_switches_plugins(tmp_path: Path) -> None:
     assert "SlurmdParameters=config_overrides" in text
 
 
+def test_start_refuses_a_missing_netns_before_writing_anything(tmp_path: Path) -> None:
+    cp = ControlPlane(tmp_path / "ctl", ControlPlaneConfig(address="10.99.0.1", nodes=ONE, netns="no-such-ns-x1"))
+    with pytest.raises(ControlPlaneError, match="network namespace 'no-such-ns-x1' does not exist"):
+        cp.start()
+    assert not (tmp_path / "ctl").exists()
+
+
+def test_describe_is_json_safe_and_holds_no_secret(tmp_path: Path) -> None:
+    cp = ControlPlane(tmp_path, ControlPlaneConfig(address="10.99.0.1", nodes=ONE))
+    info = json.loads(json.dumps(cp.describe()))
+    assert info["conf_server"] == "10.99.0.1:6817"
+    assert info["munge_key_file"].endswith("secrets/munge.key")
+    assert info["ldap"]["uri"] == "ldap://10.99.0.1:389"
+    assert info["ldap"]["bind_dn"] == "cn=sssd,ou=services,dc=lab,dc=provision"
+    assert "password" not in json.dumps({k: v for k, v in info["ldap"].items() if k != "bind_password_file"})
+
+
 def test_stop_without_start_is_harmless(tmp_path: Path) -> None:
     cp = ControlPlane(tmp_path, ControlPlaneConfig(address="127.0.0.1", nodes=ONE))
     assert cp.stop() == []
@@ -126,8 +145,8 @@ def _ip(*args: str) -> None:
     run(["ip", *args])
 
 
-@pytest.fixture
-def rack() -> Iterator[Rack]:
+@contextlib.contextmanager
+def rack_namespaces() -> Iterator[Rack]:
     """Two namespaces joined by a veth pair: the control node's and one compute node's."""
     tag = uuid.uuid4().hex[:6]
     r = Rack(ctl_ns=f"pt-ctl-{tag}", node_ns=f"pt-node-{tag}")
@@ -145,6 +164,12 @@ def rack() -> Iterator[Rack]:
     finally:
         for ns in (r.ctl_ns, r.node_ns):
             run(["ip", "netns", "del", ns], check=False)
+
+
+@pytest.fixture
+def rack() -> Iterator[Rack]:
+    with rack_namespaces() as r:
+        yield r
 
 
 def _free_port() -> int:
@@ -214,9 +239,9 @@ def test_control_plane_serves_slurm_and_ldap_and_a_slurmd_joins(tmp_path: Path, 
 
         # A real slurmd in the second namespace joins configless and goes idle.
         node, started = _start_node(tmp_path / "node", rack.node_ns, cp.munge_key, cp.conf_server)
-        waited = cp.wait_for_nodes([NODE], timeout=60)
+        waited = cp.wait_for_nodes([NODE], timeout=60, interval=0.05)
         elapsed = time.monotonic() - started
-        print(f"\nslurmd start -> idle: {elapsed:.2f} s (sinfo polled every 0.25 s)")
+        print(f"\nslurmd start -> idle: {elapsed:.2f} s (sinfo polled every 0.05 s)")
         assert waited[NODE] <= elapsed
         assert cp.node_states([NODE]) == {NODE: "idle"}
 

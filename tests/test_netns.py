@@ -38,7 +38,9 @@ def test_create_bridge_tap_and_teardown_twice(tmp_path: Path) -> None:
         ns.add_tap("tap0", bridge="br0")
         assert namespace_exists(name)
         assert {"lo", "br0", "tap0", "tap1"} <= _ns_links(name)
-        addrs = subprocess.run(["ip", "-n", name, "-o", "addr", "show", "dev", "br0"], capture_output=True, text=True).stdout
+        addrs = subprocess.run(
+            ["ip", "-n", name, "-o", "addr", "show", "dev", "br0"], capture_output=True, text=True
+        ).stdout
         assert "10.99.0.1/24" in addrs and "fd99::1/64" in addrs
         master = subprocess.run(["ip", "-n", name, "-o", "link", "show", "tap0"], capture_output=True, text=True).stdout
         assert "master br0" in master

@@ -172,7 +172,13 @@ class BuiltinConfig:
                 "provision_network: must be an IPv4 subnet", hint="PXE DHCP is IPv4; write e.g. 10.10.0.0/16"
             )
         raw_server = config.get("provision_boot_address")
+        gateway_raw = config.get("provision_gateway")
         server = _address(raw_server, "provision_boot_address") if raw_server else str(network.network + 1)
+        if not raw_server and gateway_raw and str(gateway_raw).strip() == server:
+            raise BootError(
+                f"provision_boot_address: missing, and {server} (the first address of provision_network) is the gateway",
+                hint="set provision_boot_address to this node's address on the provisioning network",
+            )
         if netaddr.IPAddress(server) not in network:
             raise BootError(
                 f"provision_boot_address: {server} is outside provision_network {network.cidr}",
@@ -202,7 +208,6 @@ class BuiltinConfig:
         dns_raw = config.get("provision_dns_servers") or ()
         if isinstance(dns_raw, str):
             dns_raw = [d for d in re.split(r"[,\s]+", dns_raw) if d]
-        gateway_raw = config.get("provision_gateway")
         interface = config.get("provision_boot_interface")
         if interface is not None and not re.match(r"^[A-Za-z0-9_.-]{1,15}$", str(interface)):
             raise BootError(f"provision_boot_interface: {interface!r} is not an interface name", hint="e.g. eno1")

@@ -15,7 +15,11 @@ def main() -> None:
 
     debug = "--debug" in sys.argv[1:]
     try:
-        cli.main(standalone_mode=False, prog_name="provision")
+        code = cli.main(standalone_mode=False, prog_name="provision")
+        # Without standalone mode click returns (not raises) a command's
+        # click.exceptions.Exit code.
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)

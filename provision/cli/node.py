@@ -86,6 +86,11 @@ def fanout_options(func: F) -> F:
             "--timeout", type=Duration(), default="30s", show_default=True, help="Give up on one node after this."
         ),
         click.option(
+            "--processes",
+            type=click.IntRange(min=1),
+            help="Worker processes sharing the fan-out (default: one per 100 nodes, up to 2 per core).",
+        ),
+        click.option(
             "--retries",
             type=click.IntRange(min=0),
             default=1,
@@ -109,12 +114,12 @@ def _bmc_nodes(app: AppContext) -> tuple[Node, ...]:
     return nodes
 
 
-def _options(count: int, fanout: int, batch: int | None, batch_wait: float, timeout: float, retries: int) -> Any:
+def _options(count: int, **settings: Any) -> FanoutOptions:
     from provision.bmc import fanout_options as bmc_fanout_options
 
-    return bmc_fanout_options(
-        count, fanout=fanout, batch=batch, batch_wait=batch_wait, timeout=timeout, retries=retries
-    )
+    if settings.get("processes") is None:
+        settings.pop("processes", None)
+    return bmc_fanout_options(count, **settings)
 
 
 def _confirm(what: str, nodes: Sequence[Node], assume: bool) -> None:
@@ -210,14 +215,10 @@ def _batch_note(number: int, wait: float) -> None:
 def power(
     app: AppContext,
     action: str,
-    fanout: int,
-    batch: int | None,
-    batch_wait: float,
-    timeout: float,
-    retries: int,
     yes: bool,
     dry_run: bool,
     as_json: bool,
+    **settings: Any,
 ) -> None:
     """Power status or control through each node's BMC.
 
@@ -236,7 +237,7 @@ def power(
 
     power_action = PowerAction(action)
     nodes = _bmc_nodes(app)
-    opts = _options(len(nodes), fanout, batch, batch_wait, timeout, retries)
+    opts = _options(len(nodes), **settings)
     operation = f"power {action}"
     if dry_run:
         _plan(nodes, operation, opts, as_json)
@@ -261,13 +262,9 @@ def bootdev(
     device: str,
     persistent: bool,
     uefi: bool,
-    fanout: int,
-    batch: int | None,
-    batch_wait: float,
-    timeout: float,
-    retries: int,
     dry_run: bool,
     as_json: bool,
+    **settings: Any,
 ) -> None:
     """Set (or show) the device each node boots from next.
 
@@ -278,7 +275,7 @@ def bootdev(
     from provision.bmc import BootDevice, bootdev_nodes, node_bootdev_get
 
     nodes = _bmc_nodes(app)
-    opts = _options(len(nodes), fanout, batch, batch_wait, timeout, retries)
+    opts = _options(len(nodes), **settings)
     if device == "show":
         operation = "bootdev show"
     else:

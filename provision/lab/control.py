@@ -46,7 +46,7 @@ from typing import Any
 import jinja2
 
 from provision.errors import ProvisionError
-from provision.lab.sandbox import ANCHOR, Sandbox
+from provision.lab.sandbox import ANCHOR, NETNS_DIR, Sandbox
 from provision.proc import run
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -325,6 +325,35 @@ class ControlPlane:
     def _admin_dn(self) -> str:
         return f"cn=admin,{self.config.base_dn}"
 
+    def describe(self) -> dict[str, Any]:
+        """JSON-safe facts for ``lab up --json`` and inventories: paths to secrets, never secrets."""
+        ldap = self.ldap
+        return {
+            "state_dir": str(self.paths.root),
+            "netns": self.config.netns,
+            "address": self.config.address,
+            "hostname": self.config.hostname,
+            "cluster_name": self.config.cluster_name,
+            "conf_server": self.conf_server,
+            "slurm_conf": str(self.paths.slurm_conf),
+            "munge_key_file": str(self.munge_key),
+            "bin_dir": str(self.bin_dir),
+            "nodes": [{"name": n.name, "address": n.address} for n in self.config.nodes],
+            "ldap": {
+                "uri": ldap.uri,
+                "ldaps_uri": ldap.ldaps_uri,
+                "base_dn": ldap.base_dn,
+                "bind_dn": ldap.bind_dn,
+                "bind_password_file": str(ldap.bind_password_file),
+                "ca_cert": str(ldap.ca_cert) if ldap.ca_cert else None,
+                "user": ldap.user,
+                "uid": ldap.uid,
+                "group": ldap.group,
+                "gid": ldap.gid,
+            },
+            "pids": self.status(),
+        }
+
     # -- lifecycle -----------------------------------------------------
     def running(self) -> bool:
         return self.sandbox.running()
@@ -343,6 +372,11 @@ class ControlPlane:
             raise ControlPlaneError(
                 f"missing programs for the lab control plane: {', '.join(missing)}",
                 hint=f"apt-get install {DEBIAN_PACKAGES} util-linux openssl (./run setup does)",
+            )
+        if self.config.netns is not None and not (NETNS_DIR / self.config.netns).exists():
+            raise ControlPlaneError(
+                f"network namespace {self.config.netns!r} does not exist",
+                hint="create the lab's namespace first (provision.netns.Netns(...).create())",
             )
         if self.running():
             raise ControlPlaneError(

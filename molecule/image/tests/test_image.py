@@ -1,0 +1,146 @@
+"""Image mode: installed and enabled, nothing node-specific, nothing started by the roles."""
+
+from __future__ import annotations
+
+import pytest
+
+SCRATCH = "/mnt/localdisk"
+
+
+@pytest.mark.parametrize(
+    "package",
+    [
+        "munge",
+        "slurmd",
+        "slurm-client",
+        "libpmix2",
+        "libhwloc15",
+        "sssd-ldap",
+        "sssd-tools",
+        "wireguard-tools",
+        "curl",
+        "wget",
+        "screen",
+        "squashfs-tools",
+        "cpio",
+        "s3cmd",
+        "slirp4netns",
+        "grepcidr",
+        "git-lfs",
+        "xz-utils",
+        "unzip",
+    ],
+)
+def test_packages_installed(host, package):
+    assert host.package(package).is_installed
+
+
+def test_no_node_secret_in_the_image(host):
+    assert not host.file("/etc/munge/munge.key").exists
+    assert not host.file("/etc/wireguard/wg0.key").exists
+    assert not host.file("/etc/sssd/conf.d/50-provision-bind.conf").exists
+    assert "authtok" not in host.file("/etc/sssd/sssd.conf").content_string
+
+
+def test_munge_enabled_with_fixed_ids_and_modes(host):
+    assert host.service("munge").is_enabled
+    assert host.user("munge").uid == 981
+    assert host.file("/etc/munge").mode == 0o700
+    assert host.file("/var/log/munge").mode == 0o700
+
+
+def test_slurmd_enabled_configless_not_started(host):
+    slurmd = host.service("slurmd")
+    assert slurmd.is_enabled
+    assert not slurmd.is_running  # no MUNGE key yet: its drop-in condition holds it back
+    assert (
+        'SLURMD_OPTIONS="--conf-server slurmctld.example.org:6817"' in host.file("/etc/default/slurmd").content_string
+    )
+    dropin = host.file("/etc/systemd/system/slurmd.service.d/10-provision.conf").content_string
+    assert "Restart=on-failure" in dropin
+    assert "ConditionPathExists=/etc/munge/munge.key" in dropin
+    assert "ConstrainCores=yes" in host.file("/etc/slurm/cgroup.conf").content_string
+    hw = host.check_output("slurmd -C")  # the real parser/probe: prints this node's line
+    assert hw.startswith("NodeName=")
+    assert host.user("slurm").uid == 64030
+
+
+def test_sssd_config_valid_and_private(host):
+    conf = host.file("/etc/sssd/sssd.conf")
+    assert conf.mode == 0o600
+    assert "ldap_uri = ldaps://ldap.example.org" in conf.content_string
+    assert "ldap_default_bind_dn = cn=reader,dc=example,dc=org" in conf.content_string
+    assert "Issues identified by validators: 0" in host.check_output("sssctl config-check")
+    assert host.service("sssd").is_enabled
+    assert "pam_mkhomedir" in host.file("/etc/pam.d/common-session").content_string
+
+
+def test_wireguard_keygen_enabled(host):
+    assert host.service("provision-wireguard-keygen@wg0").is_enabled
+    assert host.file("/etc/wireguard").mode == 0o700
+    assert not host.package("wireguard-dkms").is_installed
+
+
+def test_nvidia_modprobe_config_rendered(host):
+    assert "blacklist nouveau" in host.file("/etc/modprobe.d/blacklist-nouveau.conf").content_string
+    assert (
+        "options nvidia NVreg_PreserveVideoMemoryAllocations=1"
+        in host.file("/etc/modprobe.d/nvidia-provision.conf").content_string
+    )
+    assert host.file("/etc/modules-load.d/nvidia.conf").content_string.split("\n")[-4:-1] == [
+        "nvidia",
+        "nvidia_uvm",
+        "nvidia_modeset",
+    ]
+
+
+def test_enroot_paths_on_local_disk(host):
+    conf = host.file("/etc/enroot/enroot.conf").content_string
+    assert f"ENROOT_CACHE_PATH {SCRATCH}/scratch/tmp/enroot/cache/group-$(id -g)" in conf
+    assert f"ENROOT_DATA_PATH {SCRATCH}/scratch/tmp/enroot/data/user-$(id -u)" in conf
+    assert f"ENROOT_TEMP_PATH {SCRATCH}/scratch/tmp" in conf
+    assert "ENROOT_RUNTIME_PATH /run/enroot/user-$(id -u)" in conf
+
+
+def test_apptainer_setuidless_tmp_on_local_disk(host):
+    conf = host.file("/etc/apptainer/apptainer.conf").content_string
+    assert "allow setuid = no" in conf
+    assert (
+        f'APPTAINER_TMPDIR="{SCRATCH}/scratch/tmp"' in host.file("/etc/profile.d/apptainer-scratch.sh").content_string
+    )
+    assert (
+        host.file("/etc/sysctl.d/90-apptainer.conf").content_string.strip().endswith("user.max_user_namespaces = 15000")
+    )
+
+
+def test_cvmfs_default_local_and_mount_units(host):
+    sourced = host.check_output(
+        "bash -c '. /etc/cvmfs/default.local; echo $CVMFS_REPOSITORIES $CVMFS_CACHE_BASE $CVMFS_QUOTA_LIMIT $CVMFS_HTTP_PROXY'"
+    )
+    assert (
+        sourced == f"grid-software.example.org,atlas.cern.ch {SCRATCH}/cvmfs-cache 20000 http://squid.example.org:3128"
+    )
+    assert host.file("/etc/cvmfs/keys/example.org.pub").mode == 0o644
+    for repo in ("grid-software.example.org", "atlas.cern.ch"):
+        unit = host.check_output(f"systemd-escape --path --suffix=mount /cvmfs/{repo}")
+        mount = host.file(f"/etc/systemd/system/{unit}")
+        assert mount.exists, unit
+        assert f"Where=/cvmfs/{repo}" in mount.content_string
+        assert "After=network-online.target provision-local-disk.service" in mount.content_string
+        assert host.run(f"systemctl is-enabled '{unit}'").stdout.strip() == "enabled"
+
+
+def test_postboot_units_enabled_not_run(host):
+    assert host.service("provision-postboot.target").is_enabled
+    for step in ("storage", "cvmfs", "ldap-ca", "sssd", "helpers"):
+        assert host.service(f"provision-postboot-{step}").is_enabled
+        assert not host.service(f"provision-postboot-{step}").is_running
+    after = host.check_output("systemctl show -P After provision-postboot-cvmfs.service")
+    assert "provision-postboot-storage.service" in after
+    assert (
+        "cvmfs_config probe 'grid-software.example.org' 'atlas.cern.ch'"
+        in host.file("/usr/local/libexec/provision/postboot/cvmfs").content_string
+    )
+    assert f"{SCRATCH}/scratch/tmp" in host.file("/usr/local/libexec/provision/postboot/storage").content_string
+    for script in ("storage", "cvmfs", "ldap-ca", "sssd", "helpers"):
+        assert host.run(f"sh -n /usr/local/libexec/provision/postboot/{script}").rc == 0
