@@ -30,9 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from provision.bmc import PowerAction, fanout_options, power_nodes  # noqa: E402
-from provision.inventory import Bmc, Node, Secret  # noqa: E402
-from provision.vbmc import VbmcFleet, make_specs, free_udp_ports  # noqa: E402
+from provision.bmc import PowerAction, fanout_options, power_nodes
+from provision.inventory import Bmc, Node, Secret
+from provision.vbmc import VbmcFleet, free_udp_ports, make_specs
 
 PASSWORD = "bench-pw-" + os.urandom(4).hex()
 USER = "admin"
@@ -154,9 +154,13 @@ def main() -> int:
             f"{row['ipmitool'] / row['provision']:>10.1f}x {row['ipmipower'] / row['provision']:>11.2f}x"
         )
     print()
-    print("times: median of --repeat runs (best: " + ", ".join(
-        f"{c}: provision {r['provision_best']:.2f}s, ipmipower {r['ipmipower_best']:.2f}s" for c, r in rows.items()
-    ) + ")")
+    print(
+        "times: median of --repeat runs (best: "
+        + ", ".join(
+            f"{c}: provision {r['provision_best']:.2f}s, ipmipower {r['ipmipower_best']:.2f}s" for c, r in rows.items()
+        )
+        + ")"
+    )
     print("ratios: the other tool's time / provision's time (higher is better for provision)")
     for count, row in rows.items():
         if row["ipmitool_sampled"] < count:

@@ -21,6 +21,22 @@ is patched: the fix is a subclass used only by this client.
 Operations use the standard chassis commands (Get Chassis Status, Chassis
 Control, Get/Set System Boot Options), as FreeIPMI's ipmipower does, without
 pyghmi's OEM probe (one Get Device ID round trip per session).
+
+Three more pyghmi 1.6.19 defects are worked around here, none on the wire:
+
+* its I/O thread reads with ``setblocking(0); recvfrom()`` while senders call
+  ``setblocking(1)`` on the same socket: a read can then block and stall
+  every session of the process ("Session no longer connected" with many
+  threads; virtual BMC processes that stop answering). ``install_recv_fix``
+  reads with MSG_DONTWAIT instead;
+* a session being set up is registered under str credentials and removed
+  under bytes, so a second connection to the same BMC in one process got the
+  first, logged-out session back; the entry is dropped after login;
+* pyghmi's I/O thread and session tables are module state: a forked fan-out
+  worker resets them (``os.register_at_fork``).
+
+Timing: a BMC that does not answer fails login after pyghmi's own retry
+schedule (about 5 s); the fan-out's per-node --timeout bounds everything else.
 """
 
 from __future__ import annotations
@@ -198,7 +214,7 @@ def _reset_pyghmi_after_fork() -> None:
     forever on an I/O thread that does not exist in it; the fan-out's worker
     processes start from a clean slate instead.
     """
-    mod = sys.modules.get("pyghmi.ipmi.private.session")
+    mod: Any = sys.modules.get("pyghmi.ipmi.private.session")
     if mod is None or mod.iothread is None:
         return
     for sock in mod.iosockets:
@@ -225,7 +241,26 @@ def _reset_pyghmi_after_fork() -> None:
     session.socketchecking = None
 
 
-os.register_at_fork(after_in_child=_reset_pyghmi_after_fork)
+# pyghmi shares one session among all users of the same BMC and credentials
+# in a process, so one user's logout breaks the others': clients of the same
+# BMC take turns within a process.
+_BMC_LOCKS: dict[tuple[str, int], threading.Lock] = {}
+_BMC_LOCKS_GUARD = threading.Lock()
+
+
+def _bmc_lock(address: str, port: int) -> threading.Lock:
+    with _BMC_LOCKS_GUARD:
+        return _BMC_LOCKS.setdefault((address, port), threading.Lock())
+
+
+def _after_fork_in_child() -> None:
+    global _BMC_LOCKS_GUARD
+    _BMC_LOCKS.clear()
+    _BMC_LOCKS_GUARD = threading.Lock()
+    _reset_pyghmi_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 _NEGOTIATING_SESSION: type[Any] | None = None
 
@@ -279,6 +314,15 @@ class IpmiClient(BmcClient):
         self.port = port
         self.timeout = timeout
         self._cmd: Any = None
+        self._lock = _bmc_lock(address, port)
+        self._lock.acquire()
+        try:
+            self._login(address, user, password, port)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _login(self, address: str, user: str, password: str, port: int) -> None:
         pyghmi_exc, pyghmi_command, _ = _pyghmi()
         session_class = negotiating_session_class()
         where = f"BMC {address}:{port}"
@@ -378,9 +422,12 @@ class IpmiClient(BmcClient):
         if self._cmd is None:
             return
         pyghmi_exc, _, _ = _pyghmi()
-        with contextlib.suppress(pyghmi_exc.IpmiException, OSError, KeyError):
-            self._cmd.ipmi_session.logout()
-        self._cmd = None
+        try:
+            with contextlib.suppress(pyghmi_exc.IpmiException, OSError, KeyError):
+                self._cmd.ipmi_session.logout()
+        finally:
+            self._cmd = None
+            self._lock.release()
 
 
 def _translate(exc: Exception, where: str, seconds: float) -> BmcError:

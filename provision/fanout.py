@@ -223,24 +223,48 @@ def _run_threads(job: _Job[Any], indexes: list[int], workers: int) -> list[tuple
     return results
 
 
-def _shard_worker(shard: list[int]) -> list[tuple[int, Outcome]]:
+def _shard_worker(shard: list[int], conn: Any) -> None:
     job = _FORKED_JOB
     assert job is not None
     threads = max(1, job.options.fanout // max(1, job.options.processes))
-    return _run_threads(job, shard, threads)
+    try:
+        conn.send(_run_threads(job, shard, threads))
+    except BaseException as exc:  # report, never leave the parent waiting
+        name = job.name
+        conn.send([(i, _failure(name(job.items[i]), exc, 0.0, 1)) for i in shard])
+    finally:
+        conn.close()
+        os._exit(0)  # no atexit or inherited cleanup in a forked worker
 
 
 def _run_processes(job: _Job[Any], indexes: list[int], processes: int) -> list[tuple[int, Outcome]]:
+    """One forked worker per shard; each runs its shard on threads."""
     global _FORKED_JOB
     shards = [indexes[i::processes] for i in range(processes)]
     ctx = multiprocessing.get_context("fork")
     _FORKED_JOB = job
+    workers = []
     try:
-        with ctx.Pool(processes) as pool:
-            results = pool.map(_shard_worker, shards, chunksize=1)
+        for shard in shards:
+            parent, child = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_shard_worker, args=(shard, child), daemon=True)
+            proc.start()
+            child.close()
+            workers.append((shard, proc, parent))
     finally:
         _FORKED_JOB = None
-    return [pair for shard in results for pair in shard]
+    results: list[tuple[int, Outcome]] = []
+    for shard, proc, conn in workers:
+        try:
+            results.extend(conn.recv())
+        except EOFError:
+            name = job.name
+            lost = ProvisionError(f"worker process {proc.pid} died", hint="run with --debug and report the bug")
+            results.extend((i, _failure(name(job.items[i]), lost, 0.0, 1)) for i in shard)
+        finally:
+            conn.close()
+            proc.join()
+    return results
 
 
 def default_processes(count: int) -> int:

@@ -30,8 +30,14 @@ What pyghmi's stock server lacks and this module adds:
 The machine behind a BMC is a ``Machine``: anything with ``start()``,
 ``stop()``, ``reset()`` and ``is_running`` (attribute, property or method);
 optional ``shutdown()`` (ACPI soft off; else ``stop()``) and
-``set_boot_device(device, persistent, uefi)``. ``provision.vm.Machine`` (a
-QEMU machine) fits; ``SimulatedMachine`` is a power flag for tests.
+``set_boot_device(device, persistent, uefi)``. ``QemuMachine`` adapts
+``provision.vm.Machine`` (the BMC's boot device picks what QEMU boots);
+``SimulatedMachine`` is a power flag for tests. The fleet's processes only
+run simulated machines (specs travel as JSON); a virtual rack with QEMU
+behind its BMCs builds them in its own process::
+
+    bmc = vbmc.create(spec, machine=vbmc.QemuMachine(vm.Machine(machine_spec)), state_dir=d)
+    vbmc.serve_forever()          # one select loop for every BMC of the process
 """
 
 from __future__ import annotations
@@ -111,6 +117,47 @@ class SimulatedMachine:
 
     def reset(self) -> None:
         self.boots += 1
+
+
+class QemuMachine:
+    """Adapts ``provision.vm.Machine`` (QEMU) to a virtual BMC.
+
+    The BMC's boot device chooses ``start(boot=...)``: pxe boots from the
+    network, disk from the disk, anything else the machine's own default.
+    QEMU fixes the boot order at start, so a reset that must boot another
+    device than the running one is a stop and a start.
+    """
+
+    def __init__(self, machine: Any) -> None:
+        self.machine = machine
+        self.boot: str | None = None
+        self.started_with: str | None = None
+
+    def set_boot_device(self, device: str, persistent: bool, uefi: bool) -> None:
+        self.boot = device if device in ("pxe", "disk") else None
+
+    def _boot_from(self) -> Any:
+        from provision.vm import BootFrom
+
+        return {"pxe": BootFrom.NETWORK, "disk": BootFrom.DISK}.get(self.boot or "")
+
+    @property
+    def is_running(self) -> bool:
+        return machine_running(self.machine)
+
+    def start(self) -> None:
+        self.machine.start(self._boot_from())
+        self.started_with = self.boot
+
+    def stop(self) -> None:
+        self.machine.stop()
+
+    def reset(self) -> None:
+        if self.boot is not None and self.boot != self.started_with:
+            self.machine.stop()
+            self.start()
+        else:
+            self.machine.reset()
 
 
 @dataclass(frozen=True)
@@ -690,7 +737,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.count, base_port=args.base_port, user=args.user, password=password, prefix=args.prefix, power=args.power
     )
     fleet = VbmcFleet(specs, args.state_dir, per_process=args.per_process).start()
-    print(f"{len(specs)} virtual BMCs on 127.0.0.1:{specs[0].port}-{specs[-1].port}, state in {args.state_dir}", flush=True)
+    print(
+        f"{len(specs)} virtual BMCs on 127.0.0.1:{specs[0].port}-{specs[-1].port}, state in {args.state_dir}",
+        flush=True,
+    )
     try:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while all(p.poll() is None for p in fleet.processes):
@@ -704,12 +754,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 __all__ = [
     "DEFAULT_SUITES",
-    "free_udp_ports",
     "Machine",
+    "QemuMachine",
     "SimulatedMachine",
     "VbmcFleet",
     "VbmcSpec",
     "create",
+    "free_udp_ports",
     "make_specs",
     "read_state",
     "serve_forever",

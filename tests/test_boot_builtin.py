@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -118,8 +119,6 @@ def test_static_mode_renders_leases_scripts_and_links(site_path: Path, store: Pa
         "dhcp-range=set:provision,10.99.0.0,static,255.255.255.0,12h",
         f"dhcp-hostsfile={backend.conf_dir / 'dnsmasq.hosts'}",
         "dhcp-option=tag:provision,option:router,10.99.0.254",
-        "enable-ra",
-        "dhcp-range=::,constructor:*,ra-only",
         "dhcp-match=set:ipxe,175",
         "dhcp-boot=tag:!ipxe,tag:!efi64,undionly.kpxe,,10.99.0.1",
         "dhcp-boot=tag:!ipxe,tag:efi64,ipxe.efi,,10.99.0.1",
@@ -129,6 +128,7 @@ def test_static_mode_renders_leases_scripts_and_links(site_path: Path, store: Pa
     ):
         assert line in conf.splitlines(), line
     assert "proxy" not in conf
+    assert "enable-ra" not in conf  # router advertisements need provision_boot_interface (see the proxy test)
     nginx = backend.conf_file(Service.NGINX).read_text()
     assert "listen 10.99.0.1:80 reuseport;" in nginx and f"access_log {backend.http_access_log} provision;" in nginx
     assert "location = /boot/52-54-00-99-00-11.ipxe { allow 10.99.0.11; deny all;" in nginx
@@ -351,6 +351,16 @@ def service_pids(conf_dir: Path) -> list[int]:
     return found
 
 
+def wait_for_text(path: Path, text: str, timeout: float = 10.0) -> bool:
+    """dnsmasq writes its log asynchronously: a line may land shortly after it is ready."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def live_pids_in(netns: str) -> list[int]:
     out = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True, check=True).stdout
     alive = []
@@ -398,6 +408,11 @@ def test_serve_and_stop_are_idempotent_in_a_netns(tmp_path: Path, store: Path, n
         assert "provision.node=node02" in script and "provision.token=" in script
         denied = in_ns(netns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", node02_url).stdout
         assert denied == "403"
+        (backend.docroot / "boot" / ".half-written.tmp").write_text("secret")
+        hidden = in_ns(
+            netns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://10.99.0.1/boot/.half-written.tmp"
+        )
+        assert hidden.stdout == "404"
         report = json.loads(provision_cli(site_path, "boot", "events", "--json").stdout)
         assert [e["phase"] for e in report["node02"]] == ["node-script"]  # matched by the MAC in its path
         assert report["node02"][0]["ip"] == "10.99.0.12"
@@ -410,7 +425,9 @@ def test_serve_and_stop_are_idempotent_in_a_netns(tmp_path: Path, store: Path, n
         tftp = tmp_path / "undionly.kpxe"
         in_ns(netns, "curl", "-fsS", "-o", str(tftp), "tftp://10.99.0.1/undionly.kpxe")
         assert tftp.read_bytes() == Path("/usr/lib/ipxe/undionly.kpxe").read_bytes()
-        assert "sent " in backend.dnsmasq_log.read_text() and "undionly.kpxe" in backend.dnsmasq_log.read_text()
+        assert wait_for_text(backend.dnsmasq_log, "undionly.kpxe to 10.99.0.1")  # TFTP transfer logged
+        # IPv6 router advertisements on the bridge, so that iPXE does not wait for a router.
+        assert wait_for_text(backend.dnsmasq_log, "router advertisement on fd99::, constructed for br0")
 
         # A new node: dnsmasq re-reads its leases (SIGHUP), nothing restarts.
         make_inventory(tmp_path, store=store, extra={"provision_boot_netns": netns, "provision_boot_interface": "br0"},

@@ -37,25 +37,25 @@ def test_clean_tree_passes(tmp_path: Path) -> None:
     require_clean(root)
 
 
-@pytest.mark.parametrize(
-    ("path", "content", "kind"),
-    [
-        ("etc/munge/munge.key", "\x01" * 1024, SecretKind.MUNGE_KEY),
-        ("etc/ssh/ssh_host_ed25519_key", OPENSSH, SecretKind.PRIVATE_KEY),
-        ("etc/ssl/private/site.key", PEM_RSA, SecretKind.PRIVATE_KEY),
-        ("opt/app/key.pem", PEM_PKCS8, SecretKind.PRIVATE_KEY),
-        ("root/.ssh/id_ed25519", OPENSSH, SecretKind.PRIVATE_KEY),
-        (
-            "etc/wireguard/wg0.conf",
-            f"[Interface]\nAddress = 10.0.0.2/32\nPrivateKey = {WG_KEY}\n",
-            SecretKind.WIREGUARD_KEY,
-        ),
-        ("etc/wireguard/private.key", f"{WG_KEY}\n", SecretKind.WIREGUARD_KEY),
-        ("etc/k0s/join-token", "H4sIAAAAAAAC/2xVS4/iOBK+8ys", SecretKind.TOKEN),
-        ("var/lib/provision/api.token", "s3cr3t", SecretKind.TOKEN),
-        ("etc/slurm/token", "abc", SecretKind.TOKEN),
-    ],
-)
+PLANTED = [
+    ("etc/munge/munge.key", "\x01" * 1024, SecretKind.MUNGE_KEY),
+    ("etc/ssh/ssh_host_ed25519_key", OPENSSH, SecretKind.PRIVATE_KEY),
+    ("etc/ssl/private/site.key", PEM_RSA, SecretKind.PRIVATE_KEY),
+    ("opt/app/key.pem", PEM_PKCS8, SecretKind.PRIVATE_KEY),
+    ("root/.ssh/id_ed25519", OPENSSH, SecretKind.PRIVATE_KEY),
+    (
+        "etc/wireguard/wg0.conf",
+        f"[Interface]\nAddress = 10.0.0.2/32\nPrivateKey = {WG_KEY}\n",
+        SecretKind.WIREGUARD_KEY,
+    ),
+    ("etc/wireguard/private.key", f"{WG_KEY}\n", SecretKind.WIREGUARD_KEY),
+    ("etc/k0s/join-token", "H4sIAAAAAAAC/2xVS4/iOBK+8ys", SecretKind.TOKEN),
+    ("var/lib/provision/api.token", "s3cr3t", SecretKind.TOKEN),
+    ("etc/slurm/token", "abc", SecretKind.TOKEN),
+]
+
+
+@pytest.mark.parametrize(("path", "content", "kind"), PLANTED, ids=[p for p, _, _ in PLANTED])
 def test_planted_secret_fails_naming_the_file(tmp_path: Path, path: str, content: str, kind: SecretKind) -> None:
     root = clean_tree(tmp_path)
     target = root / path
@@ -77,6 +77,7 @@ def test_planted_secret_fails_naming_the_file(tmp_path: Path, path: str, content
         ("admin:$y$j9T$abc$def:19000::::::", "admin has a password hash"),
         ("guest::19000::::::", "guest has an empty password"),
     ],
+    ids=["sha512", "yescrypt", "empty"],
 )
 def test_unlocked_shadow_entry_fails(tmp_path: Path, entry: str, detail: str) -> None:
     root = clean_tree(tmp_path)

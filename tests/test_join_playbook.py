@@ -8,6 +8,7 @@ and shows the ssh options the playbook sets for a node.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -164,8 +165,19 @@ def test_admin_side_checks_fail_per_node_with_a_message(tmp_path: Path) -> None:
 # -- vm: the real join, against a booted systemd node ------------------------------------
 
 ROOTFS_PACKAGES = "systemd,systemd-sysv,dbus,openssh-server,python3,munge,slurmd,slurm-client,iproute2,procps"
-# Prints the host key made at this boot on the console, as a stateless node does:
-# the test (like `provision node boot`) pins it from there, never from the network.
+# The image side of SSSD, as an image build applies it (sssd role, provision_image_build):
+# sssd.conf points at the test's control node; the bind password comes only at join.
+SSSD_IMAGE_VARS = {
+    "provision_image_build": True,
+    "sssd_ldap_uri": ["ldap://10.77.0.1:389"],
+    "sssd_ldap_search_base": "dc=lab,dc=provision",
+    "sssd_ldap_bind_dn": "cn=sssd,ou=services,dc=lab,dc=provision",
+    # The control node's CA is made per run, after this tree is cached: plain LDAP here.
+    "sssd_ldap_id_use_start_tls": False,
+    "sssd_ldap_tls_reqcert": "never",
+}
+# Makes the host keys at boot (the tree holds none, like a stateless image) and
+# prints the public one on the console, where `provision node boot` reads it.
 HOSTKEY_UNIT = """[Unit]
 Description=Make SSH host keys for this boot and print them on the console
 Before=ssh.service
@@ -181,7 +193,7 @@ WantedBy=multi-user.target
 @pytest.fixture(scope="session")
 def node_rootfs(request: pytest.FixtureRequest) -> Path:
     """A Debian 12 tree with systemd, sshd, munge and slurmd -- no host keys, no MUNGE key. Cached."""
-    cache = Path(request.config.cache.mkdir("join-node-rootfs-v1"))
+    cache = Path(request.config.cache.mkdir("join-node-rootfs-v2"))
     rootfs = cache / "rootfs"
     if (cache / "complete").is_file():
         return rootfs
@@ -200,8 +212,38 @@ def node_rootfs(request: pytest.FixtureRequest) -> Path:
     wants = rootfs / "etc/systemd/system/multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
     (wants / "provision-test-hostkey.service").symlink_to("/etc/systemd/system/provision-test-hostkey.service")
+    # Apply the sssd role's image-time tasks to the tree through the chroot connection.
+    shutil.copyfile("/etc/resolv.conf", rootfs / "etc/resolv.conf")
+    play = [
+        {
+            "name": "image side of sssd",
+            "hosts": "all",
+            "gather_facts": True,
+            "vars": SSSD_IMAGE_VARS,
+            "tasks": [{"name": "sssd", "ansible.builtin.include_role": {"name": "sssd"}}],
+        }
+    ]
+    (cache / "image.yml").write_text(yaml.safe_dump(play, sort_keys=False))
+    argv = [str(BIN / "ansible-playbook"), "-i", f"{rootfs},", "-c", "community.general.chroot"]
+    argv += ["-e", "ansible_python_interpreter=/usr/bin/python3", str(cache / "image.yml")]
+    built = subprocess.run(argv, env=_env(), capture_output=True, text=True, check=False, timeout=900)
+    assert built.returncode == 0, built.stdout[-4000:] + built.stderr[-2000:]
     (cache / "complete").write_text("ok\n")
     return rootfs
+
+
+def _boot_host_key(nspawn_pid: int, console: Path, timeout: float = 180) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{nspawn_pid}/task/{nspawn_pid}/children")
+        for init in children.read_text().split() if children.exists() else []:
+            key = Path(f"/proc/{init}/root/etc/ssh/ssh_host_ed25519_key.pub")
+            with contextlib.suppress(OSError):
+                fields = key.read_text().split()
+                if len(fields) >= 2:
+                    return f"{fields[0]} {fields[1]}"
+        time.sleep(0.5)
+    raise AssertionError(f"no host key after {timeout} s: {console.read_text(errors='replace')[-3000:]}")
 
 
 def _stats(proc: subprocess.CompletedProcess[str]) -> dict[str, int]:
@@ -220,9 +262,8 @@ def test_join_a_booted_node_for_real(tmp_path: Path, node_rootfs: Path) -> None:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "id")], check=True)
     with rack_namespaces() as r:
         assert isinstance(r, Rack)
-        cp = ControlPlane(
-            tmp_path / "ctl", ControlPlaneConfig(address=CTL_ADDR, netns=r.ctl_ns, nodes=(LabNode(NODE, NODE_ADDR),))
-        )
+        config = ControlPlaneConfig(address=CTL_ADDR, netns=r.ctl_ns, nodes=(LabNode(NODE, NODE_ADDR),), ldap_tls=False)
+        cp = ControlPlane(tmp_path / "ctl", config)
         console = tmp_path / "console.log"
         node = None
         try:
@@ -236,16 +277,9 @@ def test_join_a_booted_node_for_real(tmp_path: Path, node_rootfs: Path) -> None:
                 nspawn,
                 log_path=console,
             )
-            # The host key comes from the console, as on a real node's serial line.
-            deadline = time.monotonic() + 120
-            hostkey = ""
-            while not hostkey:
-                assert time.monotonic() < deadline, console.read_text()[-3000:]
-                assert node.poll() is None, console.read_text()[-3000:]
-                for line in console.read_text(errors="replace").splitlines():
-                    if line.startswith("provision-hostkey ssh-ed25519 "):
-                        hostkey = line.split(" ", 1)[1].strip()
-                time.sleep(0.5)
+            # The host key made at this boot, read out of band (the container's own view of its
+            # root, from the host) -- the lab reads it from the node's console the same way.
+            hostkey = _boot_host_key(node.pid, console)
             inv = tmp_path / "inventory"
             (inv / ".state" / "known_hosts").mkdir(parents=True)
             (inv / ".state" / "known_hosts" / NODE).write_text(f"{NODE} {hostkey}\n")

@@ -125,6 +125,16 @@ def test_describe_is_json_safe_and_holds_no_secret(tmp_path: Path) -> None:
     assert "password" not in json.dumps({k: v for k, v in info["ldap"].items() if k != "bind_password_file"})
 
 
+def test_join_vars_point_at_files_not_secrets(tmp_path: Path) -> None:
+    cp = ControlPlane(tmp_path, ControlPlaneConfig(address="10.99.0.1", nodes=ONE))
+    v = cp.join_vars()
+    assert v["slurm_conf_server"] == "10.99.0.1:6817"
+    assert v["munge_key_file"] == str(cp.munge_key)
+    assert v["join_slurm_sinfo"] == [str(cp.bin_dir / "sinfo")]
+    assert v["sssd_ldap_uri"] == ["ldap://10.99.0.1:389"] and v["sssd_ldap_id_use_start_tls"] is True
+    assert v["sssd_ldap_bind_password"] == f"{{{{ lookup('ansible.builtin.file', '{cp.ldap.bind_password_file}') }}}}"
+
+
 def test_stop_without_start_is_harmless(tmp_path: Path) -> None:
     cp = ControlPlane(tmp_path, ControlPlaneConfig(address="127.0.0.1", nodes=ONE))
     assert cp.stop() == []

@@ -17,13 +17,15 @@ pytestmark = pytest.mark.integration
 PASSWORD = "vbmc-Test-pw-7781"
 
 
-def ipmitool(port: int, *args: str, suite: str | None = None, password: str = PASSWORD) -> subprocess.CompletedProcess[str]:
+def ipmitool(
+    port: int, *args: str, suite: str | None = None, password: str = PASSWORD
+) -> subprocess.CompletedProcess[str]:
     argv = ["ipmitool", "-I", "lanplus", "-H", "127.0.0.1", "-p", str(port), "-U", "admin", "-E"]
     if suite is not None:
         argv += ["-C", suite]
     # -E: the password comes from IPMI_PASSWORD, not argv.
     env = {"PATH": os.environ["PATH"], "IPMI_PASSWORD": password}
-    return subprocess.run(argv + ["-R", "2", "-N", "1", *args], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run([*argv, "-R", "2", "-N", "1", *args], env=env, capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +167,17 @@ def test_module_entry_point_serves_until_terminated(tmp_path: Path) -> None:
     base = _two_free_ports()
     env = {"PATH": os.environ["PATH"], "PROVISION_VBMC_PASSWORD": PASSWORD}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "provision.vbmc", "--count", "2", "--base-port", str(base), "--state-dir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "provision.vbmc",
+            "--count",
+            "2",
+            "--base-port",
+            str(base),
+            "--state-dir",
+            str(tmp_path),
+        ],
         env=env,
         stdout=subprocess.PIPE,
         text=True,
@@ -182,3 +194,40 @@ def test_module_entry_point_serves_until_terminated(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_qemu_machine_adapter_boots_the_device_the_bmc_chose() -> None:
+    """provision.vm.Machine behind a BMC: the boot device picks start(boot=...)."""
+    from provision.vbmc import QemuMachine
+    from provision.vm import BootFrom
+
+    class FakeQemu:  # the shape of provision.vm.Machine, without QEMU
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, object]] = []
+            self.is_running = False
+
+        def start(self, boot: BootFrom | None = None) -> None:
+            self.calls.append(("start", boot))
+            self.is_running = True
+
+        def stop(self) -> None:
+            self.calls.append(("stop", None))
+            self.is_running = False
+
+        def reset(self) -> None:
+            self.calls.append(("reset", None))
+
+    qemu = FakeQemu()
+    machine = QemuMachine(qemu)
+    machine.set_boot_device("pxe", False, False)
+    machine.start()
+    machine.reset()  # same device: the reset button
+    machine.set_boot_device("disk", True, False)
+    machine.reset()  # another device: QEMU restarts with it
+    assert qemu.calls == [
+        ("start", BootFrom.NETWORK),
+        ("reset", None),
+        ("stop", None),
+        ("start", BootFrom.DISK),
+    ]
+    assert machine.is_running

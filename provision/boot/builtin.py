@@ -124,7 +124,7 @@ class BuiltinConfig:
     ``provision_boot_dhcp_mode`` (static|proxy), ``provision_boot_netns``
     (run the services in this network namespace: the virtual rack),
     ``provision_boot_router_advertisements`` (true: answer iPXE's IPv6 router
-    solicitation), ``provision_boot_lease_time`` (12h),
+    solicitation; needs ``provision_boot_interface`` and an IPv6 address on it), ``provision_boot_lease_time`` (12h),
     ``provision_boot_uefi_loader`` (ipxe.efi|snponly.efi),
     ``provision_image_store`` (default ``<state_dir>/images``),
     ``provision_gateway``, ``provision_dns_servers``, ``provision_default_image``.
@@ -712,7 +712,6 @@ class BuiltinBackend:
             "dnsmasq.conf.j2",
             mode=str(cfg.dhcp_mode),
             interface=cfg.interface,
-            ra_interface=cfg.interface or "*",
             server=cfg.server_address,
             user=self._user(),
             pid_file=self.run_dir / "dnsmasq.own.pid",

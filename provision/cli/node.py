@@ -51,7 +51,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
-class Duration(click.ParamType):
+class Duration(click.ParamType[float, Any]):
     """Seconds, or a number with a unit: 500ms, 30s, 2m, 1h."""
 
     name = "duration"
@@ -106,9 +106,7 @@ def fanout_options(func: F) -> F:
 def _bmc_nodes(app: AppContext) -> tuple[Node, ...]:
     """The selection; only BMC fields must be valid to drive a BMC."""
     nodes = app.select(get_selection(), validate=False)
-    problems = [
-        p for p in app.site.problems_for(nodes) if p.field.startswith("provision_bmc") or p.field == "hostname"
-    ]
+    problems = [p for p in app.site.problems_for(nodes) if p.field.startswith("provision_bmc") or p.field == "hostname"]
     if problems:
         raise ValidationError(problems)
     return nodes
@@ -214,6 +212,7 @@ def _batch_note(number: int, wait: float) -> None:
 @pass_app
 def power(
     app: AppContext,
+    /,
     action: str,
     yes: bool,
     dry_run: bool,
@@ -259,6 +258,7 @@ def power(
 @pass_app
 def bootdev(
     app: AppContext,
+    /,
     device: str,
     persistent: bool,
     uefi: bool,
@@ -288,9 +288,7 @@ def bootdev(
         from provision.fanout import fan_out
 
         per_call = opts.timeout or 10.0
-        outcomes = fan_out(
-            nodes, lambda n: node_bootdev_get(n, timeout=per_call), name=lambda n: n.name, options=opts
-        )
+        outcomes = fan_out(nodes, lambda n: node_bootdev_get(n, timeout=per_call), name=lambda n: n.name, options=opts)
     else:
         outcomes = bootdev_nodes(
             nodes, BootDevice(device), persistent=persistent, uefi=uefi, options=opts, on_batch_wait=_batch_note
@@ -298,6 +296,6 @@ def bootdev(
 
     def describe(o: Outcome) -> str:
         v = o.value
-        return v["device"] + (" persistent" if v["persistent"] else "") + (" uefi" if v["uefi"] else "")
+        return str(v["device"]) + (" persistent" if v["persistent"] else "") + (" uefi" if v["uefi"] else "")
 
     _report(operation, outcomes, as_json, describe)

@@ -354,6 +354,32 @@ class ControlPlane:
             "pids": self.status(),
         }
 
+    def join_vars(self) -> dict[str, Any]:
+        """Inventory variables for playbooks/join.yml against this control node.
+
+        Secrets stay in their files: the bind password and the CA are read by
+        ``lookup('file')`` on the admin host at join time, the MUNGE key is
+        copied by path. The admin side asks slurmctld through ``bin/`` wrappers,
+        so ``slurm_controller_host`` is ``localhost``.
+        """
+        ldap = self.ldap
+        return {
+            "slurm_controller_host": "localhost",
+            "slurm_conf_server": self.conf_server,
+            "munge_key_file": str(self.munge_key),
+            "join_slurm_sinfo": [str(self.bin_dir / "sinfo")],
+            "join_slurm_scontrol": [str(self.bin_dir / "scontrol")],
+            "join_k0s": False,
+            "sssd_ldap_uri": [ldap.uri],
+            "sssd_ldap_search_base": ldap.base_dn,
+            "sssd_ldap_bind_dn": ldap.bind_dn,
+            "sssd_ldap_bind_password": f"{{{{ lookup('ansible.builtin.file', '{ldap.bind_password_file}') }}}}",
+            "sssd_ldap_id_use_start_tls": ldap.ca_cert is not None,
+            "sssd_ldap_tls_cacert_content": f"{{{{ lookup('ansible.builtin.file', '{ldap.ca_cert}') }}}}"
+            if ldap.ca_cert is not None
+            else "",
+        }
+
     # -- lifecycle -----------------------------------------------------
     def running(self) -> bool:
         return self.sandbox.running()
