@@ -287,16 +287,8 @@ def test_join_a_booted_node_for_real(tmp_path: Path, node_rootfs: Path) -> None:
                 yaml.safe_dump(
                     {
                         "all": {
-                            "vars": {
-                                "provision_state_dir": ".state",
-                                "slurm_controller_host": "localhost",
-                                "slurm_conf_server": cp.conf_server,
-                                "munge_key_file": str(cp.munge_key),
-                                "join_sssd": False,
-                                "join_k0s": False,
-                                "join_slurm_sinfo": [str(cp.bin_dir / "sinfo")],
-                                "join_slurm_scontrol": [str(cp.bin_dir / "scontrol")],
-                            },
+                            # What the lab hands to join.yml: paths and lookups, never secret values.
+                            "vars": {"provision_state_dir": ".state", **cp.join_vars()},
                             "hosts": {
                                 "localhost": {
                                     "ansible_connection": "local",
@@ -343,6 +335,16 @@ def test_join_a_booted_node_for_real(tmp_path: Path, node_rootfs: Path) -> None:
             assert cp.run(["srun", "-N1", "-w", NODE, "hostname"], timeout=60).stdout.strip() == NODE
             # The key never shows in the output.
             assert cp.munge_key.read_bytes().hex()[:32] not in first.stdout.encode().hex()
+
+            # SSSD on the node resolves the directory's test user through the bind user.
+            ssh = ["ip", "netns", "exec", r.ctl_ns, "ssh", "-i", str(tmp_path / "id"), "-o", "BatchMode=yes"]
+            ssh += ["-o", f"UserKnownHostsFile={inv / '.state' / 'known_hosts' / NODE}", "-o", f"HostKeyAlias={NODE}"]
+            getent = subprocess.run(
+                [*ssh, f"root@{NODE_ADDR}", "getent", "passwd", "labuser"], capture_output=True, text=True, timeout=60
+            )
+            assert getent.stdout.strip().split(":")[2:4] == ["20001", "20001"], getent.stdout + getent.stderr
+            bind_password = cp.ldap.bind_password_file.read_text().strip()
+            assert bind_password not in first.stdout + first.stderr
 
             again = join()
             assert again.returncode == 0, again.stdout[-4000:]

@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -243,35 +243,34 @@ def build(
     with _signals_raise(run):
         for stale in store.clean_stale():
             run.progress.message(f"removed a stale build directory {stale.name}")
-        with store.staging(definition.name) as staging:
+        with store.staging(definition.name) as staging, ExitStack() as mounted:
             out = staging.out
             with run.stage(Stage.BOOTSTRAP) as detail:
                 entry = cache.get_or_build(definition, bootstrapper, run.progress.message)
                 overlay = RootOverlay(entry.tree, staging.path)
-                root = overlay.__enter__()
+                root = mounted.enter_context(overlay)
                 detail.append(f"cache {'hit' if entry.hit else 'miss'} {entry.key[:12]} ({overlay.mode})")
-            try:
-                with Chroot(root) as chroot:
-                    with run.stage(Stage.ROLES) as detail:
-                        detail.append(_apply_roles(definition, root, run))
-                    with run.stage(Stage.INITRAMFS) as detail:
-                        kver = kernel.kernel_version(root)
-                        kernel.build_initramfs(chroot, definition, kver, out)
-                        detail.append(f"kernel {kver}")
-                _remove_build_leftovers(root)
 
-                with run.stage(Stage.SCAN) as detail:
-                    scan.require_clean(root)
-                    detail.append("clean")
+            with Chroot(root) as chroot:
+                with run.stage(Stage.ROLES) as detail:
+                    detail.append(_apply_roles(definition, root, run))
+                with run.stage(Stage.INITRAMFS) as detail:
+                    kver = kernel.kernel_version(root)
+                    kernel.build_initramfs(chroot, definition, kver, out)
+                    detail.append(f"kernel {kver}")
+            _remove_build_leftovers(root)
 
-                packages = bootstrapper.packages(root)
-                rootfs_bytes = squashfs.tree_size(root)
-                with run.stage(Stage.SQUASHFS) as detail:
-                    squashfs.pack(root, out / "rootfs.squashfs", definition)
-                    squashfs_bytes = (out / "rootfs.squashfs").stat().st_size
-                    detail.append(f"{rootfs_bytes / 2**20:.0f} MiB -> {squashfs_bytes / 2**20:.0f} MiB")
-            finally:
-                overlay.__exit__(None, None, None)
+            with run.stage(Stage.SCAN) as detail:
+                scan.require_clean(root)
+                detail.append("clean")
+
+            packages = bootstrapper.packages(root)
+            rootfs_bytes = squashfs.tree_size(root)
+            with run.stage(Stage.SQUASHFS) as detail:
+                squashfs.pack(root, out / "rootfs.squashfs", definition)
+                squashfs_bytes = (out / "rootfs.squashfs").stat().st_size
+                detail.append(f"{rootfs_bytes / 2**20:.0f} MiB -> {squashfs_bytes / 2**20:.0f} MiB")
+            mounted.close()  # the overlay goes before the version is published
 
             version = store.new_version(definition.name)
             with run.stage(Stage.MANIFEST) as detail:
