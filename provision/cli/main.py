@@ -49,7 +49,11 @@ def cli(ctx: click.Context, inventory_path: Path, vault_password_file: str | Non
     provision_image. Select nodes with --rack r1, --nodes 'cn[01-04]' or --all.
     """
     level = logging.DEBUG if debug else (logging.INFO if verbose else logging.WARNING)
-    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=Console(stderr=True), show_path=False, markup=False)])
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False, markup=False)],
+    )
     ctx.obj = AppContext(
         inventory_path=inventory_path, vault_password_file=vault_password_file, debug=debug, verbose=verbose
     )
