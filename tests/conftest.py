@@ -35,28 +35,45 @@ def image_store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("image-store")
 
 
-@pytest.fixture(scope="session")
-def base_image_build(image_store_dir: Path) -> dict[str, Any]:
-    """The --json report of the one real build of base-debian12 in this run."""
+def build_image(name: str, store: Path) -> dict[str, Any]:
+    """Build and publish image NAME through the real CLI; its --json report."""
     if os.geteuid() != 0:
         pytest.fail("image builds need root (mmdebstrap, chroot, mounts); the suite runs as root in CI")
     result = subprocess.run(
-        [sys.executable, "-m", "provision", "image", "build", BASE_IMAGE, "--store", str(image_store_dir), "--json"],
+        [sys.executable, "-m", "provision", "image", "build", name, "--store", str(store), "--json"],
         capture_output=True,
         text=True,
         timeout=3600,
         check=False,
     )
     if result.returncode != 0:
-        pytest.fail(f"provision image build {BASE_IMAGE} failed:\n{result.stderr[-3000:]}")
+        pytest.fail(f"provision image build {name} failed:\n{result.stderr[-3000:]}")
     report: dict[str, Any] = json.loads(result.stdout)
     report["stderr"] = result.stderr
     return report
 
 
 @pytest.fixture(scope="session")
+def base_image_build(image_store_dir: Path) -> dict[str, Any]:
+    """The --json report of the one real build of base-debian12 in this run."""
+    return build_image(BASE_IMAGE, image_store_dir)
+
+
+@pytest.fixture(scope="session")
 def base_image(base_image_build: dict[str, Any], image_store_dir: Path) -> ImageVersion:
     """The published base-debian12 (ImageVersion: .kernel, .initrd, .squashfs, .manifest)."""
     image = ImageStore(image_store_dir).get(BASE_IMAGE, base_image_build["version"])
+    image.verify()
+    return image
+
+
+COMPUTE_IMAGE = "compute-debian12"
+
+
+@pytest.fixture(scope="session")
+def compute_image(image_store_dir: Path) -> ImageVersion:
+    """compute-debian12 with every compute role, built once per run."""
+    report = build_image(COMPUTE_IMAGE, image_store_dir)
+    image = ImageStore(image_store_dir).get(COMPUTE_IMAGE, report["version"])
     image.verify()
     return image
