@@ -44,6 +44,7 @@ from provision.boot.base import (
     address_of,
     check_host_name,
     check_image_name,
+    config_flag,
     normalize_cidr,
     normalize_mac,
 )
@@ -92,20 +93,6 @@ class GrendelError(BootError):
 
 # --------------------------------------------------------------------------
 # Settings
-
-
-def _flag(config: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = config.get(key)
-    if value is None or value == "":
-        return default
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise GrendelError(f"{key}: {value!r} is not a boolean", hint="use true or false")
 
 
 @dataclass(frozen=True)
@@ -175,7 +162,7 @@ class GrendelSettings:
             api=api,
             token_env=str(config.get("provision_grendel_token_env") or DEFAULT_TOKEN_ENV),
             ca_file=str(config["provision_grendel_ca_file"]) if config.get("provision_grendel_ca_file") else None,
-            tls_verify=_flag(config, "provision_grendel_tls_verify", True),
+            tls_verify=config_flag(config, "provision_grendel_tls_verify", True),
             timeout=timeout,
             firmware=str(config["provision_grendel_firmware"]) if config.get("provision_grendel_firmware") else None,
             domain=str(config["provision_grendel_domain"]) if config.get("provision_grendel_domain") else None,

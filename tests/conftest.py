@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +79,16 @@ def compute_image(image_store_dir: Path) -> ImageVersion:
     image = ImageStore(image_store_dir).get(COMPUTE_IMAGE, report["version"])
     image.verify()
     return image
+
+
+@contextmanager
+def mounted_squashfs(squashfs: Path, mountpoint: Path) -> Iterator[Path]:
+    """A published squashfs mounted read-only; unmounted (and checked) after."""
+    from provision.image.chroot import mounts_under
+
+    subprocess.run(["mount", "-t", "squashfs", "-o", "loop,ro", str(squashfs), str(mountpoint)], check=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+        assert mounts_under(mountpoint) == []

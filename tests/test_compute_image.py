@@ -8,15 +8,14 @@ download sites are unreachable) is configuration only; see the README matrix.
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import testinfra
+from conftest import mounted_squashfs
 
-from provision.image.chroot import mounts_under
 from provision.image.scan import scan
 from provision.image.store import ImageVersion
 
@@ -30,13 +29,8 @@ COMPUTE_ROLES = [
 
 @pytest.fixture(scope="module")
 def rootfs(compute_image: ImageVersion, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    mnt = tmp_path_factory.mktemp("compute-rootfs")
-    subprocess.run(["mount", "-t", "squashfs", "-o", "loop,ro", str(compute_image.squashfs), str(mnt)], check=True)
-    try:
+    with mounted_squashfs(compute_image.squashfs, tmp_path_factory.mktemp("compute-rootfs")) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-        assert mounts_under(mnt) == []
 
 
 @pytest.fixture(scope="module")

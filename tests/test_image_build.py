@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import testinfra
+from conftest import mounted_squashfs
 
-from provision.image.chroot import mounts_under
 from provision.image.scan import scan
 from provision.image.store import ImageVersion, sha256_file
 
@@ -29,13 +28,8 @@ pytestmark = pytest.mark.vm
 @pytest.fixture(scope="module")
 def rootfs(base_image: ImageVersion, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The published squashfs, mounted read-only for the module's tests."""
-    mnt = tmp_path_factory.mktemp("rootfs")
-    subprocess.run(["mount", "-t", "squashfs", "-o", "loop,ro", str(base_image.squashfs), str(mnt)], check=True)
-    try:
+    with mounted_squashfs(base_image.squashfs, tmp_path_factory.mktemp("rootfs")) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-        assert mounts_under(mnt) == []
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,20 @@ import netaddr
 
 from provision.errors import BootError
 
+
+def config_flag(config: Mapping[str, Any], key: str, default: bool) -> bool:
+    """A boolean backend setting, read the way Ansible reads booleans."""
+    from ansible.module_utils.parsing.convert_bool import boolean
+
+    value = config.get(key)
+    if value is None or value == "":
+        return default
+    try:
+        return bool(boolean(value, strict=True))
+    except TypeError as exc:
+        raise BootError(f"{key}: {value!r} is not a boolean", hint="write true or false") from exc
+
+
 if TYPE_CHECKING:
     from provision.inventory import Node
 

@@ -60,6 +60,7 @@ from provision.boot.base import (
     BootImage,
     check_host_name,
     check_image_name,
+    config_flag,
     normalize_mac,
 )
 from provision.errors import BootError
@@ -93,17 +94,6 @@ class Service(StrEnum):
 
 # --------------------------------------------------------------------------
 # Configuration
-
-
-def _truthy(value: Any, key: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise BootError(f"{key}: {value!r} is not a boolean", hint="write true or false")
 
 
 def _address(value: Any, key: str) -> str:
@@ -227,9 +217,7 @@ class BuiltinConfig:
             interface=str(interface) if interface else None,
             dhcp_mode=mode,
             netns=str(netns) if netns else None,
-            router_advertisements=_truthy(
-                config.get("provision_boot_router_advertisements", True), "provision_boot_router_advertisements"
-            ),
+            router_advertisements=config_flag(config, "provision_boot_router_advertisements", True),
             gateway=_address(gateway_raw, "provision_gateway") if gateway_raw else None,
             dns_servers=tuple(_address(d, "provision_dns_servers") for d in dns_raw),
             lease_time=lease,
