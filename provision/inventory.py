@@ -347,11 +347,18 @@ def load(path: str | os.PathLike[str], *, vault_password_file: str | None = None
 
 
 def _render_site_vars(templar: Any, raw: dict[str, Any]) -> dict[str, Any]:
-    """group_vars/all rendered where they can be without a host (else kept raw)."""
+    """group_vars/all rendered where they can be without a host (else kept raw).
+
+    Lookups stay unrendered: they may read secrets (a bind password file) that
+    the site's settings must never hold.
+    """
     from ansible.errors import AnsibleError
 
     rendered: dict[str, Any] = {}
     for key, value in raw.items():
+        if isinstance(value, str) and ("lookup(" in value or "query(" in value):
+            rendered[key] = value
+            continue
         try:
             rendered[key] = templar.template(value)
         except AnsibleError:

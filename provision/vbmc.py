@@ -32,9 +32,10 @@ The machine behind a BMC is a ``Machine``: anything with ``start()``,
 optional ``shutdown()`` (ACPI soft off; else ``stop()``) and
 ``set_boot_device(device, persistent, uefi)``. ``QemuMachine`` adapts
 ``provision.vm.Machine`` (the BMC's boot device picks what QEMU boots);
-``SimulatedMachine`` is a power flag for tests. The fleet's processes only
-run simulated machines (specs travel as JSON); a virtual rack with QEMU
-behind its BMCs builds them in its own process::
+``SimulatedMachine`` is a power flag for tests. The fleet's processes run
+simulated machines unless a served spec carries a ``"machine"`` (a
+``MachineSpec`` as JSON, see ``machine_spec_to_json``: the virtual rack does
+that); a process can also build QEMU-backed BMCs itself::
 
     bmc = vbmc.create(spec, machine=vbmc.QemuMachine(vm.Machine(machine_spec)), state_dir=d)
     vbmc.serve_forever()          # one select loop for every BMC of the process
@@ -597,12 +598,55 @@ def _spec_to_json(spec: VbmcSpec) -> dict[str, Any]:
     return {**asdict(spec), "suites": list(spec.suites)}
 
 
+def machine_spec_to_json(spec: Any) -> dict[str, Any]:
+    """A ``provision.vm.MachineSpec`` as JSON data (the ``"machine"`` key of a served BMC spec)."""
+    data = asdict(spec)
+    data["nics"] = [asdict(nic) for nic in spec.nics]
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
+
+
+def machine_spec_from_json(data: dict[str, Any]) -> Any:
+    """The inverse of :func:`machine_spec_to_json`."""
+    from provision.vm import Accel, BootFrom, MachineSpec, Nic
+
+    paths = ("workdir", "kernel", "initrd", "disk")
+    fields: dict[str, Any] = {k: (Path(v) if k in paths and v is not None else v) for k, v in data.items()}
+    fields["nics"] = tuple(Nic(**nic) for nic in data.get("nics", ()))
+    fields["boot"] = BootFrom(data.get("boot", BootFrom.NETWORK))
+    fields["accel"] = Accel(data["accel"]) if data.get("accel") else None
+    return MachineSpec(**fields)
+
+
 def _serve_stdin(state_dir: Path) -> int:
-    """Child side of VbmcFleet: specs (with passwords) arrive on stdin as JSON."""
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    """Child side of VbmcFleet: specs (with passwords) arrive on stdin as JSON.
+
+    An item may carry ``"machine"`` (a ``MachineSpec`` as JSON): that BMC then
+    drives a QEMU machine (``QemuMachine``) started from this process; SIGTERM
+    pulls the plug on every running machine before the process exits.
+    """
+    machines: list[Any] = []
+
+    def _terminate(*_: object) -> None:
+        for machine in machines:
+            try:
+                machine.stop()
+            except Exception:  # exiting anyway; the caller kills leftovers by pid
+                log.exception("stopping a machine failed")
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
-        specs = [VbmcSpec(**{**item, "suites": tuple(item["suites"])}) for item in json.load(sys.stdin)]
-        bmcs = [create(spec, state_dir=state_dir) for spec in specs]
+        bmcs = []
+        for item in json.load(sys.stdin):
+            machine_data = item.pop("machine", None)
+            spec = VbmcSpec(**{**item, "suites": tuple(item["suites"])})
+            machine = None
+            if machine_data is not None:
+                from provision.vm import Machine as QemuVm
+
+                machine = QemuMachine(QemuVm(machine_spec_from_json(machine_data)))
+                machines.append(machine)
+            bmcs.append(create(spec, machine=machine, state_dir=state_dir))
     except Exception as exc:
         print(f"error: {type(exc).__name__}: {exc}", flush=True)
         return 1
@@ -761,6 +805,8 @@ __all__ = [
     "VbmcSpec",
     "create",
     "free_udp_ports",
+    "machine_spec_from_json",
+    "machine_spec_to_json",
     "make_specs",
     "read_state",
     "serve_forever",

@@ -15,6 +15,7 @@ from provision.cli import boot_server as boot_server_cmd
 from provision.cli import grendel as grendel_cmd
 from provision.cli import image as image_cmd
 from provision.cli import inventory as inventory_cmd
+from provision.cli import lab as lab_cmd
 from provision.cli import node as node_cmd
 from provision.cli.context import AppContext
 
@@ -64,4 +65,5 @@ cli.add_command(image_cmd.image)
 cli.add_command(node_cmd.node)
 cli.add_command(grendel_cmd.grendel)
 cli.add_command(boot_server_cmd.boot)
+cli.add_command(lab_cmd.lab)
 node_cmd.node.add_command(boot_cmd.sync)
