@@ -263,3 +263,49 @@ def validate_cmd(app: AppContext, names: tuple[str, ...]) -> None:
     for name in names or sorted(known_images()):
         loaded = _definition(app, name)
         err.print(f"{loaded.name}: ok ({loaded.distro.value} {loaded.release}, roles: {', '.join(loaded.roles)})")
+
+
+@image.command("publish")
+@click.argument("name")
+@click.option("--version", "version", help="The version to publish (default: the store's current).")
+@click.option(
+    "--to",
+    "backend",
+    type=click.Choice(["builtin", "grendel"]),
+    help="Boot backend (default: the inventory's provision_boot_backend).",
+)
+@click.option("--activate", is_flag=True, help="Built-in backend: nodes boot this version from their next boot on.")
+@store_option
+@dry_run
+@json_output
+@pass_app
+def publish_cmd(
+    app: AppContext,
+    name: str,
+    version: str | None,
+    backend: str | None,
+    activate: bool,
+    store: Path | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Make image NAME bootable on the site's boot backend.
+
+    \b
+    builtin: the version becomes servable; nodes boot it only with --activate
+             (the first version of an image is active at once), and the
+             previous one stays servable (`provision boot activate` rolls back).
+    grendel: the files are copied into Grendel's repo_dir (atomically) and the
+             image is registered through its API.
+    """
+    from provision.boot.publish import publish
+
+    result = publish(
+        app.site, _store(app, store), name, version=version, backend=backend, activate=activate, dry_run=dry_run
+    )
+    if as_json:
+        emit_json(result.as_dict() | {"dry_run": dry_run})
+        return
+    verb = "would publish" if dry_run else "published"
+    state = "active" if result.activated else "servable, not active (use --activate)"
+    click.echo(f"{verb} {result.name} {result.version} to {result.backend} ({result.where}): {state}")
