@@ -19,6 +19,20 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_INVENTORY = PROJECT_ROOT / "inventory" / "example"
 
 
+def run_provision(
+    *args: str | Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a subprocess (exit code, stdout and stderr as a user sees them)."""
+    return subprocess.run(
+        [sys.executable, "-m", "provision", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        check=False,
+        timeout=timeout,
+    )
+
+
 @pytest.fixture
 def example_inventory() -> Path:
     return EXAMPLE_INVENTORY

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from conftest import run_provision
 from grendel_fake import CLASSIC_SPEC, V2_SPEC, FakeGrendel, load_spec
 from openapi_core.testing import MockRequest
 
@@ -57,17 +55,6 @@ def write_site(root: Path, **grendel_vars: Any) -> Path:
     return site
 
 
-def provision(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "provision", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        check=False,
-        timeout=120,
-    )
-
-
 @pytest.fixture
 def classic() -> Iterator[FakeGrendel]:
     with FakeGrendel("classic") as fake:
@@ -93,7 +80,7 @@ def _spec_errors(spec: Path, path: str, body: Any, host_url: str) -> list[str]:
 
 def test_export_prints_documents_that_both_specs_accept(tmp_path: Path) -> None:
     site = write_site(tmp_path, provision_grendel_firmware="snponly-x86_64.efi")
-    result = provision("-i", site, "grendel", "export", "--all")
+    result = run_provision("-i", site, "grendel", "export", "--all")
     assert result.returncode == 0, result.stderr
     docs = json.loads(result.stdout)
     assert [h["name"] for h in docs["hosts"]] == ["cn01", "cn02", "cn03", "node01", "node02"]
@@ -128,7 +115,7 @@ def test_export_is_what_grendel_loads(tmp_path: Path, classic: FakeGrendel) -> N
     """Files written with --output, fed to Grendel's host/image import, read back the same."""
     site = write_site(tmp_path, provision_grendel_images={"compute-rocky9": {"kernel": "/srv/k", "initrds": []}})
     out = tmp_path / "gitops"
-    result = provision("-i", site, "grendel", "export", "--all", "--output", out)
+    result = run_provision("-i", site, "grendel", "export", "--all", "--output", out)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"wrote 5 hosts to {out}/hosts.json, 2 images to {out}/images.json"
     hosts = json.loads((out / "hosts.json").read_text())
@@ -144,7 +131,7 @@ def test_export_is_what_grendel_loads(tmp_path: Path, classic: FakeGrendel) -> N
     assert backend.get_image("compute-rocky9") == image_from_doc(images[1])
     assert images[1]["kernel"] == "/srv/k" and images[1]["initrd"] == []
 
-    only = provision("-i", site, "grendel", "export", "--rack", "t1", "--only", "hosts")
+    only = run_provision("-i", site, "grendel", "export", "--rack", "t1", "--only", "hosts")
     assert [h["name"] for h in json.loads(only.stdout)] == ["node01", "node02"]
 
 
@@ -153,7 +140,7 @@ def test_export_refuses_a_broken_inventory(tmp_path: Path) -> None:
     (site / "host_vars").mkdir()
     (site / "host_vars" / "node01.yml").write_text("provision_mac: nope\n")
     out = tmp_path / "gitops"
-    result = provision("-i", site, "grendel", "export", "--all", "--output", out)
+    result = run_provision("-i", site, "grendel", "export", "--all", "--output", out)
     assert result.returncode == 1
     assert "node01: provision_mac" in result.stderr
     assert not out.exists()
@@ -167,24 +154,24 @@ def test_node_sync_end_to_end(tmp_path: Path, classic: FakeGrendel) -> None:
     site = write_site(tmp_path, provision_grendel_url=classic.url)
     settings = GrendelSettings(url=classic.url)
 
-    missing = provision("-i", site, "node", "sync", "--all")
+    missing = run_provision("-i", site, "node", "sync", "--all")
     assert missing.returncode == 1
     assert "has no image base-debian12, compute-rocky9" in missing.stderr
     assert classic.hosts == {}
 
-    pushed = provision("-i", site, "grendel", "push-images", "--all")
+    pushed = run_provision("-i", site, "grendel", "push-images", "--all")
     assert pushed.returncode == 0, pushed.stderr
     assert pushed.stdout.strip() == f"registered 2 images at {classic.url}: base-debian12, compute-rocky9"
     assert classic.images["compute-rocky9"]["liveimg"] == "/var/lib/grendel/compute-rocky9/rootfs.squashfs"
     classic.seen.clear()
-    dry = provision("-i", site, "node", "sync", "--all", "--dry-run", "--json")
+    dry = run_provision("-i", site, "node", "sync", "--all", "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
     report = json.loads(dry.stdout)
     assert report["dry_run"] is True and report["backend"] == f"grendel (classic API) at {classic.url}"
     assert {h["change"] for h in report["hosts"]} == {"create"}
     assert classic.hosts == {} and not any(s.method == "POST" for s in classic.seen)
 
-    first = provision("-i", site, "node", "sync", "--all")
+    first = run_provision("-i", site, "node", "sync", "--all")
     assert first.returncode == 0, first.stderr
     assert "wrote 5 of 5 hosts" in first.stdout
     assert sorted(classic.hosts) == ["cn01", "cn02", "cn03", "node01", "node02"]
@@ -198,16 +185,16 @@ def test_node_sync_end_to_end(tmp_path: Path, classic: FakeGrendel) -> None:
         tags=("rack=t2",),
     )
 
-    status = provision("-i", site, "grendel", "status")
+    status = run_provision("-i", site, "grendel", "status")
     assert status.stdout.strip() == (
         f"grendel classic API at {classic.url}: 5 hosts (5 set to provision), 2 images: base-debian12, compute-rocky9"
     )
-    again = provision("-i", site, "node", "sync", "--rack", "t2", "--json")
+    again = run_provision("-i", site, "node", "sync", "--rack", "t2", "--json")
     assert [h["change"] for h in json.loads(again.stdout)["hosts"]] == ["unchanged"] * 3
 
     (site / "host_vars").mkdir()
     (site / "host_vars" / "cn03.yml").write_text("provision_ip: 10.99.0.99\nprovision_image: base-debian12\n")
-    changed = provision("-i", site, "node", "sync", "--nodes", "cn[01-03]", "--json")
+    changed = run_provision("-i", site, "node", "sync", "--nodes", "cn[01-03]", "--json")
     hosts = json.loads(changed.stdout)["hosts"]
     assert hosts[2] == {"name": "cn03", "change": "update", "fields": ["ips", "image"]}
     assert [h["change"] for h in hosts[:2]] == ["unchanged", "unchanged"]
@@ -223,14 +210,14 @@ def test_node_sync_over_v2_with_a_token(tmp_path: Path, monkeypatch: pytest.Monk
         with monkeypatch.context() as m:
             m.setenv(TOKEN_ENV, token)
             _images(fake, GrendelSettings(url=fake.url, token_env=TOKEN_ENV), "base-debian12", "compute-rocky9")
-        result = provision("--debug", "-i", site, "node", "sync", "--all", "--json", env=env)
+        result = run_provision("--debug", "-i", site, "node", "sync", "--all", "--json", env=env)
         assert result.returncode == 0, result.stderr
         assert "GET /v1/nodes/find" in result.stdout + result.stderr  # --debug logs each request, not the token
         assert token not in result.stdout + result.stderr
         assert sorted(fake.hosts) == ["cn01", "cn02", "cn03", "node01", "node02"]
         assert all(s.headers.get("authorization") == f"Bearer {token}" for s in fake.seen)
 
-        denied = provision("-i", site, "node", "sync", "--all")
+        denied = run_provision("-i", site, "node", "sync", "--all")
         assert denied.returncode == 1
         assert denied.stderr.splitlines()[0].startswith(f"error: Grendel at {fake.url} wants an API token")
         assert f"hint: export {TOKEN_ENV}=<JWT>" in denied.stderr
@@ -245,7 +232,7 @@ def test_node_sync_over_the_unix_socket(tmp_path: Path) -> None:
     with FakeGrendel("classic", socket_path=sock) as fake:
         site = write_site(tmp_path, provision_grendel_socket=str(sock), provision_grendel_api="classic")
         _images(fake, GrendelSettings(socket=sock), "base-debian12", "compute-rocky9")
-        result = provision("-i", site, "node", "sync", "--rack", "t1")
+        result = run_provision("-i", site, "node", "sync", "--rack", "t1")
         assert result.returncode == 0, result.stderr
         assert sorted(fake.hosts) == ["node01", "node02"]
         assert fake.seen[0].path == "/v1/host/find/node01,node02"  # no probe: api=classic
@@ -261,7 +248,7 @@ def test_node_sync_with_grendel_down_is_one_clear_error(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     site = write_site(tmp_path, provision_grendel_url=url)
-    result = provision("-i", site, "node", "sync", "--all")
+    result = run_provision("-i", site, "node", "sync", "--all")
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         f"error: Grendel is not reachable at {url} (connection refused)",

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
+from conftest import run_provision
 from grendel_fake import FakeGrendel
 from test_image_store import publish as store_publish
 
@@ -39,25 +37,18 @@ def write_site(root: Path, **extra: object) -> Path:
     return site
 
 
-def provision(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "provision", *map(str, args)],
-        capture_output=True, text=True, env=dict(os.environ), check=False, timeout=120,
-    )  # fmt: skip
-
-
 def test_builtin_publish_activates_only_when_asked(tmp_path: Path) -> None:
     site_dir = write_site(tmp_path)
     store = ImageStore(tmp_path / "store")
     store_publish(store, NAME, "20260101-000000")
-    first = provision("-i", site_dir, "image", "publish", NAME, "--store", store.root, "--json")
+    first = run_provision("-i", site_dir, "image", "publish", NAME, "--store", store.root, "--json")
     assert first.returncode == 0, first.stderr
     assert json.loads(first.stdout)["activated"] is True  # the first version is active at once
 
     store_publish(store, NAME, "20260202-000000")
-    dry = provision("-i", site_dir, "image", "publish", NAME, "--store", store.root, "--dry-run")
+    dry = run_provision("-i", site_dir, "image", "publish", NAME, "--store", store.root, "--dry-run")
     assert dry.returncode == 0 and dry.stdout.startswith("would publish"), dry.stderr
-    second = provision("-i", site_dir, "image", "publish", NAME, "--store", store.root)
+    second = run_provision("-i", site_dir, "image", "publish", NAME, "--store", store.root)
     assert second.returncode == 0, second.stderr
     assert "servable, not active" in second.stdout
 
@@ -67,14 +58,14 @@ def test_builtin_publish_activates_only_when_asked(tmp_path: Path) -> None:
     assert sorted(v.version for v in versions) == ["20260101-000000", "20260202-000000"]
     assert active == "20260101-000000"
 
-    third = provision("-i", site_dir, "image", "publish", NAME, "--store", store.root, "--activate")
+    third = run_provision("-i", site_dir, "image", "publish", NAME, "--store", store.root, "--activate")
     assert third.returncode == 0, third.stderr
     assert backend.versions(NAME)[1] == "20260202-000000"
 
 
 def test_publish_of_an_unpublished_image_fails_cleanly(tmp_path: Path) -> None:
     site_dir = write_site(tmp_path)
-    result = provision("-i", site_dir, "image", "publish", NAME, "--store", tmp_path / "empty-store")
+    result = run_provision("-i", site_dir, "image", "publish", NAME, "--store", tmp_path / "empty-store")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ")
 
@@ -87,7 +78,7 @@ def test_grendel_publish_copies_files_atomically_and_registers(tmp_path: Path) -
     with FakeGrendel("classic") as fake:
         site_dir = write_site(tmp_path, provision_boot_backend="grendel", provision_grendel_url=fake.url,
                               provision_grendel_repo_dir=str(repo))  # fmt: skip
-        result = provision("-i", site_dir, "image", "publish", NAME, "--store", store.root, "--json")
+        result = run_provision("-i", site_dir, "image", "publish", NAME, "--store", store.root, "--json")
         assert result.returncode == 0, result.stderr
         registered = fake.images[NAME]
     assert fake.violations == []
@@ -103,6 +94,6 @@ def test_grendel_publish_needs_its_repo_dir(tmp_path: Path) -> None:
     store_publish(store, NAME, "20260101-000000")
     site_dir = write_site(tmp_path, provision_boot_backend="grendel", provision_grendel_url="http://127.0.0.1:9",
                           provision_grendel_repo_dir=str(tmp_path / "not-here"))  # fmt: skip
-    result = provision("-i", site_dir, "image", "publish", NAME, "--store", store.root)
+    result = run_provision("-i", site_dir, "image", "publish", NAME, "--store", store.root)
     assert result.returncode == 1
     assert "repo directory" in result.stderr and "Traceback" not in result.stderr

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_provision
 
 from provision import inventory
 from provision.errors import InventoryError
@@ -51,16 +51,6 @@ def write_site(root: Path, hosts: object = None, all_vars: object = None, extra:
         (site / rel).parent.mkdir(parents=True, exist_ok=True)
         (site / rel).write_text(text)
     return site
-
-
-def provision(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "provision", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
 
 
 def with_host(**overrides: object) -> dict[str, object]:
@@ -151,7 +141,7 @@ def test_check_reports_each_fault_on_one_line(
     tmp_path: Path, case: str, breakage: object, node: str, field: str
 ) -> None:
     site_dir = write_site(tmp_path, **breakage())  # type: ignore[operator]
-    result = provision("-i", site_dir, "inventory", "check")
+    result = run_provision("-i", site_dir, "inventory", "check")
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     problem_lines = [line for line in result.stderr.splitlines() if line.startswith(f"{node}: {field}: ")]
@@ -177,7 +167,7 @@ def test_unreadable_inventory_and_bad_selection_fail_in_one_line(
         (site_dir / "hosts.yml").write_text("all:\n  children:\n    rack_t1: [unclosed\n")
     if case == "missing-file":
         site_dir = tmp_path / "nowhere"
-    result = provision("-i", site_dir, *args)
+    result = run_provision("-i", site_dir, *args)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -186,18 +176,18 @@ def test_unreadable_inventory_and_bad_selection_fail_in_one_line(
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
-    result = provision("--debug", "-i", tmp_path / "nowhere", "inventory", "check")
+    result = run_provision("--debug", "-i", tmp_path / "nowhere", "inventory", "check")
     assert result.returncode == 1 and "Traceback" in result.stderr
 
 
 def test_example_site_checks_clean(example_inventory: Path) -> None:
-    result = provision("-i", example_inventory, "inventory", "check")
+    result = run_provision("-i", example_inventory, "inventory", "check")
     assert result.returncode == 0, result.stderr
     assert "23 nodes" in result.stdout
 
 
 def test_example_rack_r2_lists_sixteen_expanded_nodes(example_inventory: Path) -> None:
-    result = provision("-i", example_inventory, "node", "list", "--rack", "r2", "--json")
+    result = run_provision("-i", example_inventory, "node", "list", "--rack", "r2", "--json")
     assert result.returncode == 0, result.stderr
     nodes = json.loads(result.stdout)
     assert [n["name"] for n in nodes] == [f"cn{i:02d}" for i in range(1, 17)]
@@ -206,7 +196,7 @@ def test_example_rack_r2_lists_sixteen_expanded_nodes(example_inventory: Path) -
 
 
 def test_node_list_table_names_every_column(example_inventory: Path) -> None:
-    result = provision("-i", example_inventory, "node", "list", "--rack", "r1")
+    result = run_provision("-i", example_inventory, "node", "list", "--rack", "r1")
     assert result.returncode == 0, result.stderr
     header, *rows = result.stdout.splitlines()
     assert header.split() == ["NAME", "RACK", "MAC", "IP", "BMC", "IMAGE"]
@@ -224,7 +214,7 @@ def test_plain_ansible_reads_the_same_inventory(example_inventory: Path) -> None
 
 @pytest.mark.parametrize("group", ["inventory", "node"])
 def test_help_reads_well(group: str) -> None:
-    top = provision("--help")
+    top = run_provision("--help")
     assert top.returncode == 0 and "--inventory" in top.stdout and group in top.stdout
-    sub = provision(group, "--help")
+    sub = run_provision(group, "--help")
     assert sub.returncode == 0 and "Usage: provision " + group in sub.stdout
