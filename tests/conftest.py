@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import pytest
 
 from provision.image.store import ImageStore, ImageVersion
 
+F = TypeVar("F", bound=Callable[..., Any])
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_INVENTORY = PROJECT_ROOT / "inventory" / "example"
+
+
+def requires(available: bool, why: str) -> Callable[[F], F]:
+    """A prerequisite the suite installs (./run setup) or has (root): missing, the test fails, never skips."""
+
+    def decorate(test: F) -> F:
+        @functools.wraps(test)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            if not available:
+                pytest.fail(f"missing prerequisite: {why}")
+            return test(*args, **kwargs)
+
+        return cast(F, checked)
+
+    return decorate
 
 
 def run_provision(

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import requires
 
 ROOT = Path(__file__).resolve().parent.parent
 JOIN = ROOT / "playbooks" / "join.yml"
@@ -251,7 +252,7 @@ def _stats(proc: subprocess.CompletedProcess[str]) -> dict[str, int]:
 
 
 @pytest.mark.vm
-@pytest.mark.skipif(shutil.which("systemd-nspawn") is None, reason="systemd-container is installed by ./run setup")
+@requires(shutil.which("systemd-nspawn") is not None, "systemd-container is installed by ./run setup")
 def test_join_a_booted_node_for_real(tmp_path: Path, node_rootfs: Path) -> None:
     """join.yml over SSH against a systemd node (nspawn, volatile root) in its own netns, slurmctld real."""
     from test_lab_control import CTL_ADDR, NODE, NODE_ADDR, Rack, rack_namespaces

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import requires
 
 from provision.lab import ControlPlane, ControlPlaneConfig, ControlPlaneError, LabNode, Sandbox
 from provision.proc import run
@@ -31,7 +32,7 @@ NODE = "node01"
 MUNGE_SOCKET = "/run/munge/munge.socket.2"
 
 ONE = (LabNode("n9", "10.0.0.9"),)
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root; CI runs the suite as root")
+needs_root = requires(os.geteuid() == 0, "namespaces need root; CI runs the suite as root")
 
 
 def _mode(path: Path) -> int:
@@ -71,7 +72,7 @@ def test_node_rejects_bad_input() -> None:
     assert err.value.hint and "slurmd -C" in err.value.hint
 
 
-@pytest.mark.skipif(shutil.which("slapadd") is None, reason="slapd is installed by ./run setup")
+@requires(shutil.which("slapadd") is not None, "slapd is installed by ./run setup")
 def test_prepare_writes_config_and_secrets(tmp_path: Path) -> None:
     nodes = (LabNode("r1n01", "10.99.0.11", cpus=2, real_memory_mb=1500), LabNode("r1n02", "10.99.0.12"))
     cp = ControlPlane(tmp_path / "ctl", ControlPlaneConfig(address="10.99.0.1", nodes=nodes, cluster_name="rack1"))

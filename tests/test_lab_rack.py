@@ -22,13 +22,14 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import requires
 
 from provision.lab.rack import Rack, RackConfig, RackError
 from provision.vbmc import machine_spec_from_json, machine_spec_to_json
 from provision.vm import Accel, BootFrom, MachineSpec, Nic
 
 PROVISION = str(Path(sys.executable).with_name("provision"))
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root; CI runs the suite as root")
+needs_root = requires(os.geteuid() == 0, "namespaces need root; CI runs the suite as root")
 
 
 def provision(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
