@@ -89,6 +89,7 @@ class Node:
     image: str | None
     bmc: Bmc | None
     groups: tuple[str, ...] = ()
+    console_log: str | None = None  # provision_console_log: the node's serial console log (conserver, the lab)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-safe view: no secret, not even where it comes from."""
@@ -108,6 +109,7 @@ class Node:
             "image": self.image,
             "bmc": bmc,
             "groups": list(self.groups),
+            "console_log": self.console_log,
         }
 
 
@@ -474,7 +476,17 @@ def _make_node(
         bmc = Bmc(address=str(address), user=str(user), password=password, port=port, protocol=protocol)
 
     groups = tuple(sorted(g for g in hv.get("group_names", ()) if not g.startswith(RACK_PREFIX)))
-    node = Node(name=name, rack=rack, mac=mac, ip=ip, image=image, bmc=bmc, groups=groups)
+    console_log = get("provision_console_log")
+    node = Node(
+        name=name,
+        rack=rack,
+        mac=mac,
+        ip=ip,
+        image=image,
+        bmc=bmc,
+        groups=groups,
+        console_log=str(console_log) if console_log else None,
+    )
     return node, problems
 
 

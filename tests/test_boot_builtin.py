@@ -520,3 +520,23 @@ def test_range_requests_and_32_concurrent_downloads(tmp_path: Path, netns: str) 
     finally:
         backend.stop()
     assert service_pids(backend.conf_dir) == []
+
+
+def test_authorized_keys_are_served_and_private_keys_refused(tmp_path: Path, store: Path) -> None:
+    public = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHq0dXJ0bGVzYWxsdGhld2F5ZG93bnR1cnRsZXNhbGw admin@site"
+    site = inventory.load(make_inventory(tmp_path, store=store, extra={"provision_ssh_authorized_keys": [public]}))
+    backend = builtin_backend(site)
+    sync_site(site, backend, activate=True)
+    served = backend.docroot / "ssh" / "authorized_keys"
+    assert served.read_text() == public + "\n" and served.stat().st_mode & 0o777 == 0o644
+    assert "location = /ssh/authorized_keys" in backend.conf_file(Service.NGINX).read_text()
+    script = node_script(backend, "node01")
+    assert f"provision.server={backend.config.base_url}" in script  # where the node fetches them
+    for bad, message in (
+        ("-----BEGIN OPENSSH PRIVATE KEY-----", "provision_ssh_authorized_keys[0]: is a private key"),
+        ("ssh-ed25519", "provision_ssh_authorized_keys[0]: not an OpenSSH public key line"),
+    ):
+        with pytest.raises(BootError) as info:
+            BuiltinConfig.from_vars({"provision_state_dir": "/x", "provision_network": "10.99.0.0/24",
+                                     "provision_ssh_authorized_keys": [bad]})  # fmt: skip
+        assert str(info.value) == message and info.value.hint

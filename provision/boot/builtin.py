@@ -34,6 +34,7 @@ nodes boot the *active* version, which changes only through ``activate``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import getpass
 import hashlib
@@ -62,7 +63,9 @@ from provision.boot.base import (
     check_image_name,
     config_flag,
     normalize_mac,
+    sync_hosts,
 )
+from provision.boot.events import BootEvent, read_events
 from provision.errors import BootError
 from provision.proc import spawn
 
@@ -117,7 +120,10 @@ class BuiltinConfig:
     solicitation; needs ``provision_boot_interface`` and an IPv6 address on it), ``provision_boot_lease_time`` (12h),
     ``provision_boot_uefi_loader`` (ipxe.efi|snponly.efi),
     ``provision_image_store`` (default ``<state_dir>/images``),
-    ``provision_gateway``, ``provision_dns_servers``, ``provision_default_image``.
+    ``provision_gateway``, ``provision_dns_servers``, ``provision_default_image``,
+    ``provision_ssh_authorized_keys`` (public keys the booted nodes fetch for
+    root from ``<base_url>/ssh/authorized_keys``: the stateless role's
+    ``stateless_fetch_root_keys``).
     """
 
     state_dir: Path
@@ -136,6 +142,7 @@ class BuiltinConfig:
     default_image: str | None = None
     ipxe_dir: Path = IPXE_DIR
     http_workers: str = "auto"
+    authorized_keys: tuple[str, ...] = ()
 
     @property
     def base_url(self) -> str:
@@ -208,6 +215,7 @@ class BuiltinConfig:
             )
         store = config.get("provision_image_store")
         netns = config.get("provision_boot_netns")
+        keys = _authorized_keys(config.get("provision_ssh_authorized_keys"))
         default_image = config.get("provision_default_image")
         return cls(
             state_dir=state_dir,
@@ -224,7 +232,36 @@ class BuiltinConfig:
             uefi_loader=loader,
             image_store=Path(str(store)) if store else Path(str(state)) / "images",
             default_image=check_image_name(str(default_image)) if default_image else None,
+            authorized_keys=keys,
         )
+
+
+_PUBLIC_KEY = re.compile(
+    r"^(?:ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(?:256|384|521)|sk-ssh-ed25519@openssh\.com|"
+    r"sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/]+={0,3}(?: [^\n]*)?$"
+)
+
+
+def _authorized_keys(value: Any) -> tuple[str, ...]:
+    """``provision_ssh_authorized_keys``: a list of OpenSSH public key lines (never a private key)."""
+    if not value:
+        return ()
+    items = [value] if isinstance(value, str) else list(value)
+    keys = []
+    for index, item in enumerate(items):
+        line = str(item).strip()
+        if "PRIVATE KEY" in line:
+            raise BootError(
+                f"provision_ssh_authorized_keys[{index}]: is a private key",
+                hint="give public keys only (the .pub file's line); remove the private key from the inventory",
+            )
+        if not _PUBLIC_KEY.match(line):
+            raise BootError(
+                f"provision_ssh_authorized_keys[{index}]: not an OpenSSH public key line",
+                hint="paste the line of a .pub file, e.g. 'ssh-ed25519 AAAA... admin@site'",
+            )
+        keys.append(line)
+    return tuple(keys)
 
 
 # --------------------------------------------------------------------------
@@ -792,6 +829,7 @@ class BuiltinBackend:
             self.log_dir,
             self.docroot / "boot",
             self.docroot / "images",
+            self.docroot / "ssh",
             self.tftp_root,
             self.root / "nginx-tmp",
         ):
@@ -801,6 +839,8 @@ class BuiltinBackend:
         hosts_changed = _write_atomic(self.conf_dir / "dnsmasq.hosts", hosts_text)
         nginx_changed = _write_atomic(self.conf_file(Service.NGINX), self.render_nginx(list(reg.hosts.values())))
         _write_atomic(self.docroot / "boot.ipxe", self._template("boot.ipxe.j2", base_url=self.config.base_url))
+        keys = "".join(f"{key}\n" for key in self.config.authorized_keys)
+        _write_atomic(self.docroot / "ssh" / "authorized_keys", keys, mode=0o644)
         self._sync_tftp()
         self._sync_images(reg)
         tokens = self._tokens()
@@ -1017,6 +1057,10 @@ class BuiltinBackend:
             },
         }
 
+    def boot_events(self, hosts: Sequence[BootHost] = ()) -> list[BootEvent]:
+        """The DHCP/TFTP/HTTP timeline so far, from dnsmasq's and nginx's logs (``provision.boot.events``)."""
+        return read_events(self.dnsmasq_log, self.http_access_log, hosts)
+
     def wait_http(self, timeout: float = 5.0) -> None:
         """Wait until the HTTP server accepts connections (only from this namespace)."""
         deadline = time.monotonic() + timeout
@@ -1071,6 +1115,45 @@ def _check_cmdline(cmdline: str, name: str) -> str:
     return text
 
 
+def sync_site(
+    site: Any,
+    backend: BuiltinBackend,
+    *,
+    activate: bool,
+    image_for: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Mirror the inventory into the backend: hosts (keeping their provision flag) and images from the store.
+
+    ``image_for`` boots some nodes (by name) with another image than the
+    inventory's, until the next sync.
+    """
+    site.require_valid(site.nodes)
+    known = {h.name: h for h in backend.list_hosts()}
+    hosts = []
+    for n in site.nodes:
+        host = BootHost.from_node(
+            n,
+            network=site.network,
+            default_image=site.default_image,
+            provision=known[n.name.lower()].provision if n.name.lower() in known else True,
+        )
+        if image_for and n.name in image_for:
+            host = dataclasses.replace(host, image=image_for[n.name])
+        hosts.append(host)
+    plan = sync_hosts(backend, hosts)
+    gone = backend.remove_hosts(sorted(set(known) - {h.name for h in hosts}))
+    store = backend.config.image_store
+    images: dict[str, str] = {}
+    for name in sorted({h.image for h in hosts if h.image}):
+        if store is None or not (store / name / "current").exists():
+            images[name] = "not published"
+            continue
+        record = backend.add_store_version(store, name, activate=activate)
+        _, active = backend.versions(name)
+        images[name] = f"{record.version} ({'active' if active == record.version else f'servable; active {active}'})"
+    return {"hosts_written": list(plan.to_write), "hosts_removed": gone, "images": images}
+
+
 __all__ = [
     "BASE_CMDLINE",
     "BuiltinBackend",
@@ -1081,4 +1164,5 @@ __all__ = [
     "ServiceStatus",
     "UefiLoader",
     "mac_file_name",
+    "sync_site",
 ]

@@ -8,8 +8,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from provision.boot.base import BackendName, BootHost, backend_config, sync_hosts
-from provision.boot.builtin import BuiltinBackend
+from provision.boot.base import BackendName, backend_config
+from provision.boot.builtin import BuiltinBackend, sync_site
 from provision.boot.events import by_node, read_events
 from provision.cli.context import AppContext, emit_json, pass_app
 from provision.cli.options import json_output
@@ -27,33 +27,6 @@ def builtin_backend(site: Site) -> BuiltinBackend:
             hint="set provision_boot_backend: builtin, or use `provision node sync` with your Grendel server",
         )
     return BuiltinBackend.from_config(config)
-
-
-def sync_site(site: Site, backend: BuiltinBackend, *, activate: bool) -> dict[str, Any]:
-    """Mirror the inventory into the backend: hosts (keeping their provision flag) and images from the store."""
-    site.require_valid(site.nodes)
-    known = {h.name: h for h in backend.list_hosts()}
-    hosts = [
-        BootHost.from_node(
-            n,
-            network=site.network,
-            default_image=site.default_image,
-            provision=known[n.name.lower()].provision if n.name.lower() in known else True,
-        )
-        for n in site.nodes
-    ]
-    plan = sync_hosts(backend, hosts)
-    gone = backend.remove_hosts(sorted(set(known) - {h.name for h in hosts}))
-    store = backend.config.image_store
-    images: dict[str, str] = {}
-    for name in sorted({h.image for h in hosts if h.image}):
-        if store is None or not (store / name / "current").exists():
-            images[name] = "not published"
-            continue
-        record = backend.add_store_version(store, name, activate=activate)
-        _, active = backend.versions(name)
-        images[name] = f"{record.version} ({'active' if active == record.version else f'servable; active {active}'})"
-    return {"hosts_written": list(plan.to_write), "hosts_removed": gone, "images": images}
 
 
 @click.group()

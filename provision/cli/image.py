@@ -26,7 +26,7 @@ err = Console(stderr=True, highlight=False)
 store_option = click.option(
     "--store",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Image store directory (default: <site state dir>/images).",
+    help="Image store directory (default: provision_image_store, else <site state dir>/images).",
 )
 
 
@@ -44,7 +44,8 @@ def _store(app: AppContext, store: Path | None) -> ImageStore:
             f"no inventory at {app.inventory_path} and no --store",
             hint="pass -i INVENTORY (its provision_state_dir holds images/) or --store DIR",
         )
-    return ImageStore(site.state_dir / "images")
+    configured = site.group_vars.get("provision_image_store")
+    return ImageStore(Path(str(configured)).resolve() if configured else site.state_dir / "images")
 
 
 def _definition(app: AppContext, name: str | None) -> image_definition.ImageDefinition:

@@ -66,9 +66,23 @@ def lab() -> None:
 @click.option("--netns", default="provision-lab", show_default=True, help="Network namespace to create.")
 @click.option("--network", default="10.99.0.0/24", show_default=True, help="Provisioning subnet (in the namespace).")
 @click.option("--memory", "memory_mib", type=click.IntRange(256), default=1536, show_default=True, help="MiB each.")
+@click.option(
+    "--image-store",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="An existing image store to boot from (provision_image_store; default STATE/site/images).",
+)
 @state_dir_option
 @json_output
-def up(count: int, rack: str, netns: str, network: str, memory_mib: int, state_dir: Path, as_json: bool) -> None:
+def up(
+    count: int,
+    rack: str,
+    netns: str,
+    network: str,
+    memory_mib: int,
+    image_store: Path | None,
+    state_dir: Path,
+    as_json: bool,
+) -> None:
     """Build the virtual rack; the machines stay powered off until their BMC powers them on.
 
     \b
@@ -84,7 +98,14 @@ def up(count: int, rack: str, netns: str, network: str, memory_mib: int, state_d
     inventory; point the normal commands at it with
     `provision -i STATE/inventory --vault-password-file STATE/secrets/vault-password ...`.
     """
-    config = RackConfig(nodes=count, rack=rack, netns=netns, network=network, memory_mib=memory_mib)
+    config = RackConfig(
+        nodes=count,
+        rack=rack,
+        netns=netns,
+        network=network,
+        memory_mib=memory_mib,
+        image_store=str(image_store.resolve()) if image_store else None,
+    )
     the_rack = Rack(state_dir)
     the_rack.up(config)
     try:

@@ -66,6 +66,17 @@ class Duration(click.ParamType[float, Any]):
 
 
 def fanout_options(func: F) -> F:
+    """--fanout, --batch, --batch-wait, --timeout (per BMC), --processes, --retries."""
+    return bmc_fanout_options("--timeout")(func)
+
+
+def bmc_fanout_options(timeout_flag: str) -> Callable[[F], F]:
+    """The fan-out options, with the per-BMC timeout under ``timeout_flag`` (``node boot`` has its own --timeout)."""
+    timeout_dest = timeout_flag.lstrip("-").replace("-", "_")
+    return lambda func: _apply_fanout_options(func, timeout_flag, timeout_dest)
+
+
+def _apply_fanout_options(func: F, timeout_flag: str, timeout_dest: str) -> F:
     decorators = [
         click.option(
             "--fanout",
@@ -83,7 +94,12 @@ def fanout_options(func: F) -> F:
             help="Pause between batches (limits inrush current), e.g. 30s.",
         ),
         click.option(
-            "--timeout", type=Duration(), default="30s", show_default=True, help="Give up on one node after this."
+            timeout_flag,
+            timeout_dest,
+            type=Duration(),
+            default="30s",
+            show_default=True,
+            help="Give up on one BMC after this.",
         ),
         click.option(
             "--processes",

@@ -1,0 +1,392 @@
+"""``provision node boot``: from powered-off (or running) nodes to nodes up, and joined.
+
+``NodeBoot(site, nodes, settings).run()``:
+
+1. check: the selection is valid and its image is published (in the image
+   store or already in the boot backend). Nothing has changed when this fails;
+2. sync the hosts and the image to the boot backend (the built-in one also
+   starts or reloads its services);
+3. per node: forget the last boot's pinned host key, boot from PXE next,
+   power-cycle (a node that is off is powered on), through the BMC fan-out;
+4. follow each node: DHCP lease, its iPXE script, kernel, initrd, root
+   squashfs (the backend's logs, when it has them), the SSH host key it
+   prints on its console (``provision_console_log``, pinned for the join),
+   sshd answering (probed, inside ``provision_boot_netns`` when set). A node
+   that misses ``timeout`` fails with the last stage it reached and the tail
+   of its console; the others carry on;
+5. with ``join``: ``playbooks/join.yml`` on the nodes that came up.
+
+Every stage's time is in seconds since the power command was sent.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from provision.boot.base import BackendName, BootHost, backend_config, get_backend, sync_hosts
+from provision.boot.events import BootEvent, Client, Phase
+from provision.console import ConsoleLog
+from provision.errors import BootError
+from provision.fanout import FanoutOptions
+from provision.inventory import Node, Site
+from provision.probe import ssh_answers
+
+
+class Stage(StrEnum):
+    """What a node reached, in boot order."""
+
+    POWER = "power"  # PXE set, power cycle (or on) accepted by the BMC
+    DHCP = "dhcp"  # leased an address from the boot network (firmware PXE or iPXE)
+    SCRIPT = "script"  # fetched its own iPXE script
+    KERNEL = "kernel"
+    INITRD = "initrd"
+    ROOTFS = "rootfs"  # the squashfs, fetched by the initramfs
+    SSH = "ssh"  # the OS is up: sshd answers
+    JOINED = "joined"  # playbooks/join.yml passed (Slurm idle, ...)
+
+
+STAGES = tuple(Stage)
+_ORDER = {stage: index for index, stage in enumerate(STAGES)}
+_FROM_PHASE = {
+    Phase.DHCP_ACK: Stage.DHCP,
+    Phase.DHCP_PROXY: Stage.DHCP,
+    Phase.NODE_SCRIPT: Stage.SCRIPT,
+    Phase.KERNEL: Stage.KERNEL,
+    Phase.INITRD: Stage.INITRD,
+    Phase.ROOTFS: Stage.ROOTFS,
+}
+
+
+@dataclass
+class NodeProgress:
+    name: str
+    ip: str
+    mac: str
+    reached: dict[Stage, float] = field(default_factory=dict)
+    failed: bool = False
+    error: str = ""
+    hint: str = ""
+    host_key: bool = False
+    console_tail: list[str] = field(default_factory=list)
+
+    @property
+    def last(self) -> Stage | None:
+        return max(self.reached, key=_ORDER.__getitem__) if self.reached else None
+
+    @property
+    def up(self) -> bool:
+        return not self.failed and Stage.SSH in self.reached
+
+    def reach(self, stage: Stage, seconds: float) -> bool:
+        if stage in self.reached:
+            return False
+        self.reached[stage] = max(0.0, seconds)
+        return True
+
+    def fail(self, error: str, hint: str = "") -> None:
+        if not self.failed:
+            self.failed, self.error, self.hint = True, error, hint
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.name,
+            "ok": not self.failed,
+            "ip": self.ip,
+            "mac": self.mac,
+            "last_stage": str(self.last) if self.last else None,
+            "stages": {str(s): round(t, 1) for s, t in sorted(self.reached.items(), key=lambda i: _ORDER[i[0]])},
+            "host_key_pinned": self.host_key,
+            "error": self.error or None,
+            "hint": self.hint or None,
+            "console_tail": self.console_tail if self.failed else [],
+        }
+
+
+@dataclass(frozen=True)
+class BootSettings:
+    image: str | None = None  # boot this image instead of the inventory's
+    timeout: float = 600.0  # power-on to sshd answering, per node
+    join: bool = False
+    join_timeout: int | None = None  # seconds for the whole join run
+    poll: float = 1.0
+    fanout: FanoutOptions | None = None
+
+    def __post_init__(self) -> None:
+        if self.timeout <= 0:
+            raise BootError(f"--timeout: {self.timeout} must be positive", hint="e.g. --timeout 600")
+
+
+Update = Callable[[str, Sequence[NodeProgress]], None]
+
+
+class NodeBoot:
+    def __init__(
+        self,
+        site: Site,
+        nodes: Sequence[Node],
+        settings: BootSettings | None = None,
+        *,
+        vault_password_file: str | None = None,
+        on_update: Update | None = None,
+    ) -> None:
+        self.site = site
+        self.nodes = tuple(nodes)
+        self.settings = settings or BootSettings()
+        self.vault_password_file = vault_password_file
+        self.on_update = on_update
+        self.config = backend_config(site)
+        self.backend_name = str(self.config.get("provision_boot_backend") or BackendName.BUILTIN).lower()
+        self.netns = self.config.get("provision_boot_netns") or None
+        self.progress = {n.name: NodeProgress(n.name, n.ip, n.mac) for n in self.nodes}
+        self.consoles = {n.name: ConsoleLog(Path(n.console_log)) for n in self.nodes if n.console_log}
+        self.known_hosts_dir = site.state_dir / "known_hosts"
+        self.events: list[str] = []
+        self._backend: Any = None
+        self._t0 = 0.0
+        self._wall0 = datetime.now(UTC)
+
+    # -- helpers ---------------------------------------------------------------
+    def _elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    def _note(self, text: str) -> None:
+        self.events.append(text)
+        if self.on_update is not None:
+            self.on_update(text, list(self.progress.values()))
+
+    def _image_of(self, node: Node) -> str | None:
+        return self.settings.image or node.image or self.site.default_image
+
+    @property
+    def backend(self) -> Any:
+        if self._backend is None:
+            self._backend = get_backend(self.backend_name, self.config)
+        return self._backend
+
+    # -- 1. check -------------------------------------------------------------
+    def check(self) -> None:
+        """Refuse before anything changes: bad inventory, unknown or unpublished image."""
+        self.site.require_valid(self.nodes)
+        if not self.nodes:
+            raise BootError("no node selected", hint="give --rack, --nodes or --all")
+        if self.settings.image and self.settings.image not in self.site.images:
+            known = ", ".join(sorted(self.site.images)) or "none"
+            raise BootError(f"--image: unknown image {self.settings.image!r} (known: {known})", hint="see images/")
+        images = sorted({i for i in (self._image_of(n) for n in self.nodes) if i})
+        if not images:
+            raise BootError("no image to boot", hint="set provision_image or provision_default_image, or pass --image")
+        for name in images:
+            if not self._published(name):
+                raise BootError(
+                    f"image {name} is not published to the {self.backend_name} boot backend",
+                    hint=f"build it (provision image build {name})"
+                    + (
+                        f" and publish it (provision image publish {name} --to grendel)"
+                        if self.backend_name != "builtin"
+                        else ""
+                    ),
+                )
+
+    def _published(self, name: str) -> bool:
+        if self.backend_name == BackendName.BUILTIN:
+            store = self.backend.config.image_store
+            if store is not None and (Path(store) / name / "current").exists():
+                return True
+            return bool(self.backend.versions(name)[1])
+        return self.backend.get_image(name) is not None
+
+    # -- 2. sync ---------------------------------------------------------------
+    def sync(self) -> None:
+        image_for = {n.name: self.settings.image for n in self.nodes} if self.settings.image else None
+        if self.backend_name == BackendName.BUILTIN:
+            from provision.boot.builtin import sync_site
+
+            synced = sync_site(self.site, self.backend, activate=True, image_for=image_for)
+            self.backend.serve()
+            self._note("boot server: " + ", ".join(f"{k} {v}" for k, v in synced["images"].items()))
+            return
+        hosts = []
+        for n in self.site.nodes:
+            host = BootHost.from_node(n, network=self.site.network, default_image=self.site.default_image)
+            if image_for and n.name in image_for:
+                from dataclasses import replace
+
+                host = replace(host, image=image_for[n.name])
+            hosts.append(host)
+        plan = sync_hosts(self.backend, hosts)
+        self.backend.set_provision([n.name for n in self.nodes], True)
+        self._note(f"{self.backend.describe()}: {len(plan.to_write)} hosts written")
+
+    # -- 3. power ----------------------------------------------------------------
+    def power(self) -> None:
+        from provision.bmc import BootDevice, PowerAction, bootdev_nodes, fanout_options, power_nodes
+
+        self.known_hosts_dir.mkdir(parents=True, exist_ok=True)
+        for node in self.nodes:
+            (self.known_hosts_dir / node.name).unlink(missing_ok=True)  # last boot's key is not this boot's
+        for console in self.consoles.values():
+            console.mark()
+        opts = self.settings.fanout or fanout_options(len(self.nodes))
+        self._t0 = time.monotonic()
+        self._wall0 = datetime.now(UTC)
+        for outcome in bootdev_nodes(self.nodes, BootDevice.PXE, options=opts):
+            if not outcome.ok:
+                self.progress[outcome.node].fail(f"BMC: {outcome.error}", outcome.hint or "")
+        ready = [n for n in self.nodes if not self.progress[n.name].failed]
+
+        def powered(outcome: Any) -> None:
+            progress = self.progress[outcome.node]
+            if outcome.ok:
+                progress.reach(Stage.POWER, self._elapsed())
+            else:
+                progress.fail(f"BMC: {outcome.error}", outcome.hint or "")
+
+        power_nodes(ready, PowerAction.CYCLE, opts, on_outcome=powered)
+        for progress in self.progress.values():
+            self._note(f"{progress.name}: {'power cycled' if not progress.failed else progress.error}")
+
+    # -- 4. follow ---------------------------------------------------------------
+    def _backend_events(self) -> list[BootEvent]:
+        read = getattr(self.backend, "boot_events", None)
+        if read is None:
+            return []
+        hosts = [
+            BootHost.from_node(n, network=self.site.network, default_image=self.site.default_image) for n in self.nodes
+        ]
+        events: list[BootEvent] = read(hosts)
+        since = self._wall0.replace(microsecond=0)
+        return [e for e in events if e.time >= since]
+
+    def _apply_events(self, events: Sequence[BootEvent]) -> None:
+        for event in events:
+            if event.node not in self.progress or event.phase not in _FROM_PHASE:
+                continue
+            if event.phase in (Phase.DHCP_ACK, Phase.DHCP_PROXY) and event.client is Client.OS:
+                continue  # the booted OS renewing: not the boot's lease
+            progress = self.progress[event.node]
+            if progress.failed:
+                continue
+            seconds = event.time.timestamp() - self._wall0.timestamp()
+            stage = _FROM_PHASE[event.phase]
+            if progress.reach(stage, seconds):
+                self._note(f"{progress.name}: {stage}")
+
+    def _pin_host_keys(self) -> None:
+        for name, console in self.consoles.items():
+            progress = self.progress[name]
+            if progress.host_key or progress.failed:
+                continue
+            keys = console.host_keys()
+            if keys:
+                path = self.known_hosts_dir / name
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(k.known_hosts_line(name) + "\n" for k in keys))
+                os.replace(tmp, path)
+                progress.host_key = True
+                self._note(f"{name}: host key pinned ({', '.join(k.type for k in keys)})")
+
+    def _unknown_macs(self, events: Sequence[BootEvent]) -> list[str]:
+        known = {n.mac for n in self.site.nodes}
+        return sorted({e.mac for e in events if e.mac and e.mac not in known and e.phase is Phase.DHCP_DISCOVER})
+
+    def follow(self) -> None:
+        """Poll the logs, consoles and sshd until every node is up or failed, or the timeout."""
+        deadline = self._t0 + self.settings.timeout
+        probes: dict[str, Future[bool]] = {}
+        last_probe: dict[str, float] = {}
+        events: list[BootEvent] = []
+        with ThreadPoolExecutor(max_workers=min(32, max(1, len(self.nodes))), thread_name_prefix="probe") as pool:
+            while True:
+                events = self._backend_events()
+                self._apply_events(events)
+                self._pin_host_keys()
+                now = time.monotonic()
+                for progress in self.progress.values():
+                    if progress.failed or progress.up or Stage.POWER not in progress.reached:
+                        continue
+                    future = probes.get(progress.name)
+                    if future is not None and future.done():
+                        probes.pop(progress.name)
+                        if future.result():
+                            progress.reach(Stage.SSH, self._elapsed())
+                            self._note(f"{progress.name}: ssh")
+                            continue
+                    # Probe once the root is fetched (or every few seconds without boot logs).
+                    has_logs = Stage.DHCP in progress.reached or bool(events)
+                    if has_logs and Stage.ROOTFS not in progress.reached:
+                        continue
+                    if progress.name not in probes and now - last_probe.get(progress.name, 0.0) >= 2.0:
+                        last_probe[progress.name] = now
+                        probes[progress.name] = pool.submit(ssh_answers, progress.ip, 22, netns=self.netns, timeout=2.0)
+                pending = [p for p in self.progress.values() if not p.failed and not p.up]
+                if not pending or now >= deadline:
+                    break
+                time.sleep(self.settings.poll)
+        self._pin_host_keys()  # sshd starts after the key is printed; the log may lag a little
+        unknown = self._unknown_macs(events)
+        for progress in self.progress.values():
+            if progress.failed or progress.up:
+                continue
+            last = progress.last
+            hint = "see the console tail" if progress.name in self.consoles else "look at the node's console"
+            if last in (None, Stage.POWER):
+                hint = (
+                    f"no DHCP request from {progress.mac} (provision_mac) since power-on"
+                    + (
+                        f"; unknown MACs asked for DHCP: {', '.join(unknown)} — is provision_mac right?"
+                        if unknown
+                        else ""
+                    )
+                    + "; check the NIC's PXE setting and the cabling"
+                )
+            progress.fail(
+                f"not up after {self.settings.timeout:.0f} s (last stage: {last or 'none'})",
+                hint,
+            )
+        for name, console in self.consoles.items():
+            if self.progress[name].failed:
+                self.progress[name].console_tail = console.tail(15)
+
+    # -- 5. join -----------------------------------------------------------------
+    def join(self) -> None:
+        from provision.join import join_nodes
+
+        up = [p.name for p in self.progress.values() if p.up]
+        if not up:
+            return
+        self._note(f"joining {len(up)} node(s): {', '.join(up)}")
+        started = self._elapsed()
+        for result in join_nodes(
+            self.site.path,
+            up,
+            vault_password_file=self.vault_password_file,
+            timeout=self.settings.join_timeout,
+        ):
+            progress = self.progress[result.node]
+            if result.ok:
+                progress.reach(Stage.JOINED, started + result.seconds)
+                self._note(f"{result.node}: joined")
+            else:
+                progress.fail(f"join: {result.error}", "run `provision node join` with -v to see each task")
+                self._note(f"{result.node}: join failed")
+
+    # -- all ---------------------------------------------------------------------
+    def run(self) -> list[NodeProgress]:
+        self.check()
+        self.sync()
+        self.power()
+        self.follow()
+        if self.settings.join:
+            self.join()
+        return list(self.progress.values())
+
+
+__all__ = ["STAGES", "BootSettings", "NodeBoot", "NodeProgress", "Stage"]

@@ -1,0 +1,106 @@
+"""``playbooks/join.yml`` through ansible-runner, with a result per node.
+
+The same playbook a site runs with plain ``ansible-playbook -i INVENTORY
+playbooks/join.yml``: ``join_nodes`` only limits it to the nodes given,
+turns SSH host key checking on (the playbook pins this boot's keys) and
+reads the outcome of each host from the run's events.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from provision.ansible import EventKind, PlaybookError, TaskEvent, run_playbook
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+JOIN_PLAYBOOK = PROJECT_ROOT / "playbooks" / "join.yml"
+ROLES_PATH = PROJECT_ROOT / "roles"
+
+
+@dataclass
+class JoinResult:
+    node: str
+    ok: bool
+    seconds: float  # from the start of the run to the node's last task
+    error: str = ""
+    tasks: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "ok": self.ok, "seconds": round(self.seconds, 1), "error": self.error}
+
+
+@dataclass
+class _Tally:
+    started: float
+    last: dict[str, float] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    tasks: dict[str, int] = field(default_factory=dict)
+
+
+def join_nodes(
+    inventory: Path,
+    names: Sequence[str],
+    *,
+    vault_password_file: str | None = None,
+    on_event: Callable[[TaskEvent], None] | None = None,
+    timeout: int | None = None,
+    verbosity: int = 0,
+) -> list[JoinResult]:
+    """Run the join playbook on ``names``; never raises for a node's failure (it is in its result)."""
+    if not names:
+        return []
+    tally = _Tally(started=time.monotonic())
+
+    def handle(event: TaskEvent) -> None:
+        host = event.host
+        if host in names:
+            now = time.monotonic() - tally.started
+            if event.kind in (EventKind.FAILED, EventKind.UNREACHABLE) and not event.ignored:
+                tally.failed.setdefault(
+                    host, f"{event.role + ' : ' if event.role else ''}{event.task}: {event.message}"
+                )
+                tally.last[host] = now
+            elif event.kind in (EventKind.OK, EventKind.CHANGED):
+                tally.tasks[host] = tally.tasks.get(host, 0) + 1
+                if host not in tally.failed:
+                    tally.last[host] = now
+        if on_event is not None:
+            on_event(event)
+
+    envvars = {"ANSIBLE_HOST_KEY_CHECKING": "True"}  # the playbook pins this boot's host keys
+    if vault_password_file:
+        envvars["ANSIBLE_VAULT_PASSWORD_FILE"] = str(Path(vault_password_file).resolve())
+    general_error = ""
+    try:
+        run_playbook(
+            JOIN_PLAYBOOK,
+            inventory=inventory,
+            extravars={"join_hosts": ",".join(names)},
+            envvars=envvars,
+            roles_path=[ROLES_PATH],
+            on_event=handle,
+            limit=",".join(names),
+            timeout=timeout,
+            verbosity=verbosity,
+        )
+    except PlaybookError as exc:
+        general_error = exc.message
+    end = time.monotonic() - tally.started
+    results = []
+    for name in names:
+        if name in tally.failed:
+            results.append(
+                JoinResult(name, False, tally.last.get(name, end), tally.failed[name], tally.tasks.get(name, 0))
+            )
+        elif general_error and not tally.tasks.get(name):
+            results.append(JoinResult(name, False, end, general_error))
+        else:
+            results.append(JoinResult(name, True, tally.last.get(name, end), tasks=tally.tasks.get(name, 0)))
+    return results
+
+
+__all__ = ["JOIN_PLAYBOOK", "JoinResult", "join_nodes"]
