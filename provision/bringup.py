@@ -14,7 +14,9 @@
    sshd answering (probed, inside ``provision_boot_netns`` when set). A node
    that misses ``timeout`` fails with the last stage it reached and the tail
    of its console; the others carry on;
-5. with ``join``: ``playbooks/join.yml`` on the nodes that came up.
+5. with ``join``: ``playbooks/join.yml`` on the nodes as they come up
+   (those up within ``JOIN_GATHER`` seconds of each other in one run), while
+   the others are still followed.
 
 Every stage's time is in seconds since the power command was sent.
 """
@@ -22,6 +24,7 @@ Every stage's time is in seconds since the power command was sent.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,7 +37,7 @@ from typing import Any
 from provision.boot.base import BackendName, BootHost, backend_config, get_backend, sync_hosts
 from provision.boot.events import BootEvent, Client, Phase
 from provision.console import ConsoleLog
-from provision.errors import BootError
+from provision.errors import BootError, ProvisionError
 from provision.fanout import FanoutOptions
 from provision.inventory import Node, Site
 from provision.probe import ssh_answers
@@ -54,6 +57,8 @@ class Stage(StrEnum):
 
 
 STAGES = tuple(Stage)
+# Seconds an up node waits for others to come up and join in the same playbook run.
+JOIN_GATHER = 15.0
 _ORDER = {stage: index for index, stage in enumerate(STAGES)}
 _FROM_PHASE = {
     Phase.DHCP_ACK: Stage.DHCP,
@@ -150,6 +155,7 @@ class NodeBoot:
         self.known_hosts_dir = site.state_dir / "known_hosts"
         self.events: list[str] = []
         self._backend: Any = None
+        self._lock = threading.RLock()
         self._t0 = 0.0
         self._wall0 = datetime.now(UTC)
 
@@ -158,9 +164,10 @@ class NodeBoot:
         return time.monotonic() - self._t0
 
     def _note(self, text: str) -> None:
-        self.events.append(text)
-        if self.on_update is not None:
-            self.on_update(text, list(self.progress.values()))
+        with self._lock:  # the join runs in other threads
+            self.events.append(text)
+            if self.on_update is not None:
+                self.on_update(text, list(self.progress.values()))
 
     def _image_of(self, node: Node) -> str | None:
         return self.settings.image or node.image or self.site.default_image
@@ -303,8 +310,17 @@ class NodeBoot:
         probes: dict[str, Future[bool]] = {}
         last_probe: dict[str, float] = {}
         events: list[BootEvent] = []
+        joins: list[Future[None]] = []
+        submitted: set[str] = set()
+        up_since: dict[str, float] = {}
+        join_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="join")
         with ThreadPoolExecutor(max_workers=min(32, max(1, len(self.nodes))), thread_name_prefix="probe") as pool:
             while True:
+                if self.settings.join:
+                    batch = self._join_batch(submitted, up_since)
+                    if batch:
+                        submitted.update(batch)
+                        joins.append(join_pool.submit(self.join, batch))
                 events = self._backend_events()
                 self._apply_events(events)
                 self._pin_host_keys()
@@ -330,6 +346,35 @@ class NodeBoot:
                 if not pending or now >= deadline:
                     break
                 time.sleep(self.settings.poll)
+        self._finish_follow(events)
+        if self.settings.join:
+            batch = self._join_batch(submitted, up_since, final=True)
+            if batch:
+                joins.append(join_pool.submit(self.join, batch))
+        for joined in joins:
+            joined.result()
+        join_pool.shutdown()
+
+    def _join_batch(self, submitted: set[str], up_since: dict[str, float], *, final: bool = False) -> list[str]:
+        """Up nodes to join now: when no node is still booting, or the first has waited JOIN_GATHER seconds.
+
+        Nodes that come up close together join in one playbook run; a node
+        that never comes up does not hold back the others' join.
+        """
+        now = time.monotonic()
+        ready = [
+            p.name
+            for p in self.progress.values()
+            if p.up and p.name not in submitted and (p.host_key or p.name not in self.consoles or final)
+        ]
+        for name in ready:
+            up_since.setdefault(name, now)
+        booting = any(not p.failed and not p.up for p in self.progress.values())
+        if ready and (final or not booting or now - min(up_since[n] for n in ready) >= JOIN_GATHER):
+            return ready
+        return []
+
+    def _finish_follow(self, events: Sequence[BootEvent]) -> None:
         self._pin_host_keys()  # sshd starts after the key is printed; the log may lag a little
         unknown = self._unknown_macs(events)
         for progress in self.progress.values():
@@ -356,36 +401,49 @@ class NodeBoot:
                 self.progress[name].console_tail = console.tail(15)
 
     # -- 5. join -----------------------------------------------------------------
-    def join(self) -> None:
+    def join(self, names: Sequence[str]) -> None:
+        """playbooks/join.yml on ``names`` (nodes that are up); results land in their progress."""
         from provision.join import join_nodes
 
-        up = [p.name for p in self.progress.values() if p.up]
+        up = [n for n in names if self.progress[n].up]
         if not up:
             return
         self._note(f"joining {len(up)} node(s): {', '.join(up)}")
         started = self._elapsed()
-        for result in join_nodes(
-            self.site.path,
-            up,
-            vault_password_file=self.vault_password_file,
-            timeout=self.settings.join_timeout,
-        ):
+
+        def on_event(event: Any) -> None:
+            if str(event.kind) == "task":
+                self._note(f"join: {event.role + ' : ' if event.role else ''}{event.task}")
+
+        try:
+            results = join_nodes(
+                self.site.path,
+                up,
+                vault_password_file=self.vault_password_file,
+                on_event=on_event,
+                timeout=self.settings.join_timeout,
+            )
+        except ProvisionError as exc:
+            with self._lock:
+                for name in up:
+                    self.progress[name].fail(f"join: {exc.message}", exc.hint or "")
+            self._note(f"join of {', '.join(up)} failed: {exc.message}")
+            return
+        for result in results:
             progress = self.progress[result.node]
-            if result.ok:
-                progress.reach(Stage.JOINED, started + result.seconds)
-                self._note(f"{result.node}: joined")
-            else:
-                progress.fail(f"join: {result.error}", "run `provision node join` with -v to see each task")
-                self._note(f"{result.node}: join failed")
+            with self._lock:
+                if result.ok:
+                    progress.reach(Stage.JOINED, started + result.seconds)
+                else:
+                    progress.fail(f"join: {result.error}", "run `provision node join` with -v to see each task")
+            self._note(f"{result.node}: {'joined' if result.ok else 'join failed'}")
 
     # -- all ---------------------------------------------------------------------
     def run(self) -> list[NodeProgress]:
         self.check()
         self.sync()
         self.power()
-        self.follow()
-        if self.settings.join:
-            self.join()
+        self.follow()  # with settings.join, nodes join as they come up
         return list(self.progress.values())
 
 

@@ -71,7 +71,10 @@ def join_nodes(
         if on_event is not None:
             on_event(event)
 
-    envvars = {"ANSIBLE_HOST_KEY_CHECKING": "True"}  # the playbook pins this boot's host keys
+    envvars = {
+        "ANSIBLE_HOST_KEY_CHECKING": "True",  # the playbook pins this boot's host keys
+        "ANSIBLE_PIPELINING": "True",  # one SSH round trip per task (root logins: no requiretty)
+    }
     if vault_password_file:
         envvars["ANSIBLE_VAULT_PASSWORD_FILE"] = str(Path(vault_password_file).resolve())
     general_error = ""

@@ -56,23 +56,8 @@ class Lab:
     def __init__(self, tmp_path: Path, nodes: int, store: Path) -> None:
         self.state = tmp_path / "lab"
         self.netns = f"provtest-{uuid.uuid4().hex[:6]}"
-        self.status = json.loads(
-            _ok(
-                provision(
-                    "lab",
-                    "up",
-                    "--nodes",
-                    str(nodes),
-                    "--netns",
-                    self.netns,
-                    "--state-dir",
-                    str(self.state),
-                    "--image-store",
-                    str(store),
-                    "--json",
-                )  # fmt: skip
-            ).stdout
-        )
+        up = ["lab", "up", "--nodes", str(nodes), "--netns", self.netns, "--state-dir", str(self.state)]
+        self.status = json.loads(_ok(provision(*up, "--image-store", str(store), "--json")).stdout)
         self.inventory = Path(self.status["inventory"])
         self.vault = self.status["vault_password_file"]
 
@@ -133,14 +118,14 @@ def test_boot_and_join_two_nodes(compute_image: ImageVersion, tmp_path: Path) ->
         assert {states[n] for n in names} == {"idle"}, states
         ran = lab.control("srun", "-N2", "hostname").split()
         assert sorted(ran) == sorted(names)
+        ran = lab.control("srun", "--mpi=pmix", "-N2", "hostname").split()  # PMIx 4 loads on the nodes
+        assert sorted(ran) == sorted(names)
 
         first = nodes[0]
         assert lab.ssh(first, "getent passwd labuser").startswith("labuser:")
-        modes = lab.ssh(first, "stat -c '%n %a' /opt/cache/shared /opt/cache/persistent /opt/cache/world-tmp")
-        assert modes.split() == ["/opt/cache/shared", "1777", "/opt/cache/persistent", "1777"] + [
-            "/opt/cache/world-tmp",
-            "1777",
-        ]
+        cache = ("/opt/cache/shared", "/opt/cache/persistent", "/opt/cache/world-tmp")
+        modes = lab.ssh(first, "stat -c '%n %a' " + " ".join(cache)).split()
+        assert modes == [word for path in cache for word in (path, "1777")]
         source, fstype = lab.ssh(first, "findmnt -n -o SOURCE,FSTYPE /mnt/disk").split()
         assert source == "/dev/vda" and fstype == "ext4"
         assert "node-local" in lab.ssh(first, "blkid -s LABEL -o value /dev/vda")

@@ -395,6 +395,7 @@ class Rack:
             "ansible_ssh_private_key_file": str(self.ssh_key),
             "ansible_ssh_common_args": f"-o ProxyCommand='ip netns exec {config.netns} socat STDIO TCP:%h:%p'",
             "ansible_python_interpreter": "/usr/bin/python3",
+            "ansible_pipelining": True,
         }
         variables = {
             "provision_network": config.network,

@@ -32,6 +32,9 @@ def test_slurmd_configless_registered_idle(host):
 def test_slurm_uses_pmix4_and_fixed_ids(host):
     assert host.package("libpmix2").version.startswith("4.")
     assert "pmix_v4" in host.check_output("srun --mpi=list 2>&1")
+    # The plugin loads the library (Debian: the unversioned name the role links) and a PMIx step runs.
+    assert "can not load PMIx library" not in host.check_output("journalctl -u slurmd --no-pager")
+    assert host.check_output("srun --mpi=pmix -N1 hostname").strip() == host.check_output("hostname").strip()
     assert host.user("slurm").uid == 64030
     assert host.group("slurm").gid == 64030
     assert host.user("munge").uid == 981
