@@ -5,7 +5,8 @@ Not a test. Runs, in the same process and against the same virtual BMCs
 (100 per process, in other processes):
 
 * provision   provision.bmc.power_nodes(), the code behind
-              `provision node power status` (pyghmi, cipher suite 17)
+              `provision node power status` (provision.ipmi: every session
+              in one event loop, cipher suite 17)
 * ipmitool    `ipmitool -I lanplus ... chassis power status`, one node after
               the other (a shell loop); above --ipmitool-sample nodes, timed on
               a sample and extrapolated (said so in the output)
@@ -133,7 +134,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="100,1000", help="BMC counts (comma-separated)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of provision and ipmipower per size (median)")
     parser.add_argument("--ipmitool-sample", type=int, default=100, help="nodes timed for the ipmitool loop")
-    parser.add_argument("--processes", type=int, help="worker processes for provision (default: its own choice)")
+    parser.add_argument("--processes", type=int, help="worker processes for provision (default: its own choice, 1)")
     parser.add_argument("--fanout", type=int, default=64)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]

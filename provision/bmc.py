@@ -1,72 +1,65 @@
-"""BMC control: power and boot device, one node at a time.
+"""BMC control: power and boot device.
 
-``BmcClient`` is the interface; ``IpmiClient`` implements it on pyghmi's
-``Command`` over IPMI v2.0 LAN (RMCP+, "lanplus") and a later issue adds a
-Redfish client behind the same interface. ``connect(node.bmc)`` picks the
-implementation from the inventory's ``provision_bmc_protocol``. Fanning an
-operation out over a rack is provision.fanout's job; this module does one BMC.
+``BmcClient`` is the interface for one BMC; ``IpmiClient`` implements it over
+IPMI v2.0 LAN (RMCP+, "lanplus") with provision.ipmi, our own event-driven
+client, and a later issue adds a Redfish client behind the same interface.
+``connect(node.bmc)`` picks the implementation from the inventory's
+``provision_bmc_protocol``.
 
-Cipher suites. The client proposes suite 17 (RAKP-HMAC-SHA256,
-HMAC-SHA256-128, AES-CBC-128) and accepts suite 3 (the SHA-1 equivalents);
-never a suite without integrity and confidentiality (0, 1, 2...). Stock
-pyghmi proposes 17, falls back to 3 when the BMC *rejects* 17, but takes for
-granted that a BMC which *accepts* the Open Session Request chose what was
-proposed. Some BMCs (pyghmi's own server among them) answer a 17 proposal
-with suite 3's algorithms; pyghmi then hashes RAKP2 with SHA-256 and fails
-(``struct.error``). ``NegotiatingSession`` reads the algorithms the BMC
-chose from the Open Session Response, as the spec intends: suite 3 or 17
-proceed with that suite's hashes, anything else is refused. No pyghmi code
-is patched: the fix is a subclass used only by this client.
+Over many nodes (``power_nodes``, ``bootdev_nodes``, ``bootdev_get_nodes``)
+there is no per-node client: every session of a batch runs in one thread on
+one socket (provision.ipmi.runner), a few packets and a few HMACs per node,
+so a rack's worth of BMCs is answered in about the time the slowest one
+takes. provision.fanout still cuts the work into batches (``--batch``,
+``--batch-wait``) and, if asked, worker processes.
 
-Operations use the standard chassis commands (Get Chassis Status, Chassis
-Control, Get/Set System Boot Options), as FreeIPMI's ipmipower does, without
-pyghmi's OEM probe (one Get Device ID round trip per session).
-
-Three more pyghmi 1.6.19 defects are worked around here, none on the wire:
-
-* its I/O thread reads with ``setblocking(0); recvfrom()`` while senders call
-  ``setblocking(1)`` on the same socket: a read can then block and stall
-  every session of the process ("Session no longer connected" with many
-  threads; virtual BMC processes that stop answering). ``install_recv_fix``
-  reads with MSG_DONTWAIT instead;
-* a session being set up is registered under str credentials and removed
-  under bytes, so a second connection to the same BMC in one process got the
-  first, logged-out session back; the entry is dropped after login;
-* pyghmi's I/O thread and session tables are module state: a forked fan-out
-  worker resets them (``os.register_at_fork``).
-
-Timing: a BMC that does not answer fails login after pyghmi's own retry
-schedule (about 5 s); the fan-out's per-node --timeout bounds everything else.
+The operations are the standard chassis commands (Get Chassis Status,
+Chassis Control, Get/Set System Boot Options), as FreeIPMI's ipmipower uses,
+written once as generators of IPMI requests (``power_operation``...) and run
+by either path. Cipher suite 17 is proposed, suite 3 accepted (on a "no
+cipher suite match" answer, or when the BMC answers a suite 17 proposal with
+suite 3's algorithms, as pyghmi's server does); nothing else, never suite 0.
+Sessions ask for operator privilege, enough for every operation here.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import hashlib
 import logging
-import os
 import socket
-import sys
-import threading
-import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
 from typing import Any
 
 from provision.errors import BmcError
-from provision.fanout import FanoutOptions, Outcome, default_processes, fan_out
+from provision.fanout import FanoutOptions, Outcome, fan_out_batches
 from provision.inventory import Bmc, BmcProtocol, Node
+from provision.ipmi.client import Client
+from provision.ipmi.errors import AUTH_HINT, BmcAuthError, BmcUnreachableError, OperationError
+from provision.ipmi.runner import Task, run_tasks
+from provision.ipmi.session import Operation, Request
+from provision.ipmi.wire import IpmiResponse, completion_code
 
 log = logging.getLogger(__name__)
 
-AUTH_HINT = (
-    "check provision_bmc_user and provision_bmc_password (vault) or the variable named by "
-    "provision_bmc_password_env for this node"
-)
+__all__ = [
+    "AUTH_HINT",
+    "BmcAuthError",
+    "BmcClient",
+    "BmcUnreachableError",
+    "BootDevice",
+    "BootSetting",
+    "IpmiClient",
+    "PowerAction",
+    "PowerState",
+    "bootdev_get_nodes",
+    "bootdev_nodes",
+    "connect",
+    "fanout_options",
+    "power_nodes",
+]
 
 
 class PowerState(StrEnum):
@@ -119,14 +112,6 @@ class BootSetting:
         return {"device": str(self.device), "persistent": self.persistent, "uefi": self.uefi}
 
 
-class BmcAuthError(BmcError):
-    """The BMC refused the credentials."""
-
-
-class BmcUnreachableError(BmcError):
-    """The BMC did not answer."""
-
-
 class BmcClient(ABC):
     """One BMC: power and boot device. Use as a context manager."""
 
@@ -161,289 +146,127 @@ def connect(bmc: Bmc, *, timeout: float = 10.0) -> BmcClient:
     """A logged-in client for ``bmc``, by its protocol (raises BmcError)."""
     if bmc.protocol == BmcProtocol.IPMI:
         return IpmiClient(bmc.address, bmc.user, bmc.password.reveal(), port=bmc.port, timeout=timeout)
-    raise BmcError(
-        f"BMC protocol {bmc.protocol} is not implemented yet",
-        hint="set provision_bmc_protocol: ipmi for this node (Redfish support is planned)",
-    )
+    raise _unsupported(bmc)
 
 
 # --------------------------------------------------------------------------
-# IPMI on pyghmi
+# The operations, as IPMI requests (run by IpmiClient and by the fan-out)
+
+NETFN_CHASSIS = 0x00
+CMD_GET_CHASSIS_STATUS = 0x01
+CMD_CHASSIS_CONTROL = 0x02
+CMD_SET_SYSTEM_BOOT_OPTIONS = 0x08
+CMD_GET_SYSTEM_BOOT_OPTIONS = 0x09
 
 
-def _pyghmi() -> tuple[Any, Any, Any]:
-    import pyghmi.exceptions as pyghmi_exc
-    import pyghmi.ipmi.command as pyghmi_command
-    import pyghmi.ipmi.private.session as pyghmi_session
-
-    install_recv_fix(pyghmi_session)
-    return pyghmi_exc, pyghmi_command, pyghmi_session
+def _check(response: IpmiResponse, what: str) -> IpmiResponse:
+    if response.code:
+        raise OperationError(f"{what} refused: {completion_code(response.code)} (0x{response.code:02x})")
+    return response
 
 
-def install_recv_fix(pyghmi_session: Any) -> None:
-    """Make pyghmi's socket reads non-blocking per call, not per socket.
-
-    pyghmi's I/O thread reads with ``sock.setblocking(0); sock.recvfrom()``
-    while the thread that sends calls ``sock.setblocking(1); sock.sendto()``
-    on the same socket. When the two interleave, the I/O thread's recvfrom
-    blocks on an empty socket and every session of the process stalls until
-    a packet happens to arrive: the "Session no longer connected" failures
-    seen with many concurrent sessions (client) and the virtual BMC
-    processes that stopped answering under load (server). Reading with
-    MSG_DONTWAIT gives the non-blocking read pyghmi intends whatever the
-    socket's mode. Nothing on the wire changes.
-    """
-    if getattr(pyghmi_session, "_provision_recv_fix", False):
-        return
-
-    def _io_recvfrom(mysocket: socket.socket, size: int) -> tuple[bytes, Any] | None:
-        try:
-            return mysocket.recvfrom(size, socket.MSG_DONTWAIT)
-        except OSError:
-            return None
-
-    pyghmi_session._io_recvfrom = _io_recvfrom
-    pyghmi_session._provision_recv_fix = True
+def power_status_operation() -> Generator[Request, IpmiResponse, PowerState]:
+    what = "Get Chassis Status"
+    response = _check((yield Request(NETFN_CHASSIS, CMD_GET_CHASSIS_STATUS, b"", what)), what)
+    if not response.data:
+        raise OperationError(f"{what}: empty answer")
+    return PowerState.ON if response.data[0] & 1 else PowerState.OFF
 
 
-def _reset_pyghmi_after_fork() -> None:
-    """Give a forked child a fresh pyghmi: no inherited I/O thread or sessions.
-
-    pyghmi keeps its I/O thread, sockets, session tables and locks at module
-    level. A child forked from a process that already used pyghmi would wait
-    forever on an I/O thread that does not exist in it; the fan-out's worker
-    processes start from a clean slate instead.
-    """
-    mod: Any = sys.modules.get("pyghmi.ipmi.private.session")
-    if mod is None or mod.iothread is None:
-        return
-    for sock in mod.iosockets:
-        with contextlib.suppress(OSError):
-            sock.close()
-    mod.iothread = None
-    mod.iothreadready = False
-    mod.iothreadwaiters = []
-    mod.ioqueue = collections.deque()
-    mod.sessionqueue = collections.deque()
-    mod.iosockets = []
-    mod.selectdeadline = 0
-    mod.myself = None
-    mod.KEEPALIVE_SESSIONS = threading.RLock()
-    mod.WAITING_SESSIONS = threading.RLock()
-    session = mod.Session
-    session.bmc_handlers = {}
-    session.waiting_sessions = {}
-    session.initting_sessions = {}
-    session.keepalive_sessions = {}
-    session.peeraddr_to_nodes = {}
-    session.iterwaiters = []
-    session.socketpool = {}
-    session.socketchecking = None
+def power_operation(action: PowerAction) -> Generator[Request, IpmiResponse, PowerState]:
+    """Carry out ``action``; the state the node is in or heads to."""
+    if action == PowerAction.STATUS:
+        return (yield from power_status_operation())
+    what = f"Chassis Control ({action})"
+    response = yield Request(NETFN_CHASSIS, CMD_CHASSIS_CONTROL, bytes([_CHASSIS_CONTROL[action]]), what)
+    if response.code == CC_NOT_IN_PRESENT_STATE and action in (PowerAction.CYCLE, PowerAction.RESET):
+        # The node is off: cycle/reset mean "boot it" (ipmipower --on-if-off).
+        log.info("%s while off: powering on", action)
+        what = "Chassis Control (on)"
+        _check(
+            (yield Request(NETFN_CHASSIS, CMD_CHASSIS_CONTROL, bytes([_CHASSIS_CONTROL[PowerAction.ON]]), what)), what
+        )
+        return PowerState.ON
+    if response.code == CC_NOT_IN_PRESENT_STATE and action == PowerAction.SOFT:
+        return PowerState.OFF  # already off
+    _check(response, what)
+    return PowerState.OFF if action in (PowerAction.OFF, PowerAction.SOFT) else PowerState.ON
 
 
-# pyghmi shares one session among all users of the same BMC and credentials
-# in a process, so one user's logout breaks the others': clients of the same
-# BMC take turns within a process.
-_BMC_LOCKS: dict[tuple[str, int], threading.Lock] = {}
-_BMC_LOCKS_GUARD = threading.Lock()
+def set_boot_operation(
+    device: BootDevice, *, persistent: bool = False, uefi: bool = False
+) -> Generator[Request, IpmiResponse, BootSetting]:
+    # Parameter 3 (boot flag valid bit clearing): keep the flag valid
+    # until the next boot, not only 60 s (bit 3: no clear on timeout).
+    what = "Set System Boot Options (valid bit clearing)"
+    _check((yield Request(NETFN_CHASSIS, CMD_SET_SYSTEM_BOOT_OPTIONS, bytes([3, 0x08]), what)), what)
+    flags = 0
+    if device != BootDevice.NONE:
+        flags = 0x80 | (0x40 if persistent else 0) | (0x20 if uefi else 0)
+    data = bytes([5, flags, _BOOT_CODES[device] << 2, 0, 0, 0])
+    what = "Set System Boot Options (boot flags)"
+    _check((yield Request(NETFN_CHASSIS, CMD_SET_SYSTEM_BOOT_OPTIONS, data, what)), what)
+    return BootSetting(device, persistent=persistent and device != BootDevice.NONE, uefi=uefi)
 
 
-def _bmc_lock(address: str, port: int) -> threading.Lock:
-    with _BMC_LOCKS_GUARD:
-        return _BMC_LOCKS.setdefault((address, port), threading.Lock())
+def boot_device_operation() -> Generator[Request, IpmiResponse, BootSetting]:
+    what = "Get System Boot Options"
+    data = _check((yield Request(NETFN_CHASSIS, CMD_GET_SYSTEM_BOOT_OPTIONS, bytes([5, 0, 0]), what)), what).data
+    if len(data) < 4 or data[1] & 0x80 or not data[2] & 0x80:
+        return BootSetting(BootDevice.NONE)
+    code = (data[3] >> 2) & 0x0F
+    device = _BOOT_NAMES.get(code)
+    if device is None:
+        raise OperationError(f"unknown boot device selector {code}")
+    return BootSetting(device, persistent=bool(data[2] & 0x40), uefi=bool(data[2] & 0x20))
 
 
-def _after_fork_in_child() -> None:
-    global _BMC_LOCKS_GUARD
-    _BMC_LOCKS.clear()
-    _BMC_LOCKS_GUARD = threading.Lock()
-    _reset_pyghmi_after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-_NEGOTIATING_SESSION: type[Any] | None = None
-
-# Algorithms (authentication, integrity, confidentiality) per accepted suite.
-ACCEPTED_SUITES = {17: ((3, 4, 1), hashlib.sha256, 16), 3: ((1, 1, 1), hashlib.sha1, 12)}
-
-
-def negotiating_session_class() -> type[Any]:
-    """pyghmi's Session, reading the suite the BMC chose (see module doc)."""
-    global _NEGOTIATING_SESSION
-    if _NEGOTIATING_SESSION is not None:
-        return _NEGOTIATING_SESSION
-    _, _, pyghmi_session = _pyghmi()
-
-    base: Any = pyghmi_session.Session
-
-    class NegotiatingSession(base):  # type: ignore[misc]
-        cipher_suite: int | None = None
-        sessioncontext: str | None
-
-        def _got_rmcp_response(self, data: bytearray) -> Any:
-            if self.sessioncontext == "OPENSESSION" and len(data) >= 36 and data[0] == self.rmcptag and data[1] == 0:
-                chosen = (data[16], data[24], data[32])
-                for suite, (algorithms, hashlib_fn, hashlen) in ACCEPTED_SUITES.items():
-                    if chosen == algorithms:
-                        self.cipher_suite = suite
-                        self.attemptedhash = 256 if suite == 17 else 1
-                        self.currhashlib = hashlib_fn
-                        self.currhashlen = hashlen
-                        break
-                else:
-                    self.sessioncontext = "FAILED"
-                    self.onlogon(
-                        {
-                            "error": "BMC chose cipher algorithms auth={} integrity={} confidentiality={}, "
-                            "not cipher suite 3 or 17".format(*chosen)
-                        }
-                    )
-                    return -9
-            return super()._got_rmcp_response(data)
-
-    _NEGOTIATING_SESSION = NegotiatingSession
-    return NegotiatingSession
+# --------------------------------------------------------------------------
+# One BMC
 
 
 class IpmiClient(BmcClient):
-    """IPMI v2.0 over LAN with pyghmi: one RMCP+ session, closed by close()."""
+    """IPMI v2.0 over LAN: one RMCP+ session (provision.ipmi), closed by close()."""
 
     def __init__(self, address: str, user: str, password: str, *, port: int = 623, timeout: float = 10.0) -> None:
         self.address = address
         self.port = port
         self.timeout = timeout
-        self._cmd: Any = None
-        self._lock = _bmc_lock(address, port)
-        self._lock.acquire()
-        try:
-            self._login(address, user, password, port)
-        except BaseException:
-            self._lock.release()
-            raise
+        self._client: Client | None = Client(address, user, password, port=port, timeout=timeout)
+        log.debug("%s: logged in (cipher suite %s)", self._client.where, self._client.cipher_suite)
 
-    def _login(self, address: str, user: str, password: str, port: int) -> None:
-        pyghmi_exc, pyghmi_command, _ = _pyghmi()
-        session_class = negotiating_session_class()
-        where = f"BMC {address}:{port}"
-        started = time.monotonic()
-        try:
-            cmd = pyghmi_command.Command.__new__(pyghmi_command.Command)
-            # What Command.__init__ sets for a synchronous LAN session, with
-            # our session class in place of pyghmi's.
-            cmd.onlogon = None
-            cmd.bmc = address
-            cmd._sdrcachedir = None
-            cmd._sdr = None
-            cmd._oem = None
-            cmd._oemknown = False
-            cmd._netchannel = None
-            cmd._ipv6support = None
-            cmd.certverify = None
-            cmd.kwargs = {}
-            cmd.ipmi_session = session_class(bmc=address, userid=user, password=password, port=port, keepalive=False)
-        except pyghmi_exc.IpmiException as exc:
-            raise _translate(exc, where, time.monotonic() - started) from None
-        except OSError as exc:
-            raise BmcUnreachableError(f"{where}: {exc.strerror or exc}", hint="check provision_bmc_address") from None
-        finally:
-            # pyghmi registers a session being set up under its str
-            # credentials but removes it under their encoded form, so the
-            # entry outlives the login and the next connection to this BMC in
-            # this process would get the stale (logged-out) session back.
-            session_class.initting_sessions.pop((address, user, password, port, None), None)
-        self._cmd = cmd
-        self._where = where
-        log.debug("%s: logged in (cipher suite %s)", where, getattr(cmd.ipmi_session, "cipher_suite", "?"))
+    def __repr__(self) -> str:
+        return f"IpmiClient({self.address}:{self.port})"
 
     @property
     def cipher_suite(self) -> int | None:
-        return getattr(self._cmd.ipmi_session, "cipher_suite", None) if self._cmd else None
+        return self._client.cipher_suite if self._client else None
 
-    def _raw(self, netfn: int, command: int, data: tuple[int, ...] | list[int] = ()) -> dict[str, Any]:
-        pyghmi_exc, _, _ = _pyghmi()
-        started = time.monotonic()
-        try:
-            response: dict[str, Any] = self._cmd.raw_command(netfn=netfn, command=command, data=data)
-        except pyghmi_exc.IpmiException as exc:
-            raise _translate(exc, self._where, time.monotonic() - started) from None
-        return response
-
-    def _check(self, response: dict[str, Any], what: str) -> dict[str, Any]:
-        if "error" in response:
-            code = response.get("code", 0)
-            if code == 0xFFFF or response["error"] == "timeout":
-                raise BmcUnreachableError(f"{self._where}: no answer to {what}", hint="check the BMC's network")
-            raise BmcError(f"{self._where}: {what} refused: {response['error']} (0x{code:02x})")
-        return response
+    def _run(self, operation: Operation) -> Any:
+        if self._client is None:
+            raise BmcError(f"BMC {self.address}:{self.port}: client is closed")
+        return self._client.run(operation)
 
     def power_status(self) -> PowerState:
-        response = self._check(self._raw(0x00, 0x01), "Get Chassis Status")
-        return PowerState.ON if response["data"][0] & 1 else PowerState.OFF
+        state: PowerState = self._run(power_status_operation())
+        return state
 
     def power(self, action: PowerAction) -> PowerState:
-        if action == PowerAction.STATUS:
-            return self.power_status()
-        response = self._raw(0x00, 0x02, [_CHASSIS_CONTROL[action]])
-        code = response.get("code", 0)
-        if code == CC_NOT_IN_PRESENT_STATE and action in (PowerAction.CYCLE, PowerAction.RESET):
-            # The node is off: cycle/reset mean "boot it" (ipmipower --on-if-off).
-            log.info("%s: %s while off: powering on", self._where, action)
-            self._check(self._raw(0x00, 0x02, [_CHASSIS_CONTROL[PowerAction.ON]]), "Chassis Control (on)")
-            return PowerState.ON
-        if code == CC_NOT_IN_PRESENT_STATE and action == PowerAction.SOFT:
-            return PowerState.OFF  # already off
-        self._check(response, f"Chassis Control ({action})")
-        return PowerState.OFF if action in (PowerAction.OFF, PowerAction.SOFT) else PowerState.ON
+        state: PowerState = self._run(power_operation(action))
+        return state
 
     def set_boot_device(self, device: BootDevice, *, persistent: bool = False, uefi: bool = False) -> BootSetting:
-        # Parameter 3 (boot flag valid bit clearing): keep the flag valid
-        # until the next boot, not only 60 s (bit 3: no clear on timeout).
-        self._check(self._raw(0x00, 0x08, (3, 0x08)), "Set System Boot Options (valid bit clearing)")
-        flags = 0
-        if device != BootDevice.NONE:
-            flags = 0x80 | (0x40 if persistent else 0) | (0x20 if uefi else 0)
-        data = (5, flags, _BOOT_CODES[device] << 2, 0, 0, 0)
-        self._check(self._raw(0x00, 0x08, data), "Set System Boot Options (boot flags)")
-        return BootSetting(device, persistent=persistent and device != BootDevice.NONE, uefi=uefi)
+        setting: BootSetting = self._run(set_boot_operation(device, persistent=persistent, uefi=uefi))
+        return setting
 
     def boot_device(self) -> BootSetting:
-        response = self._check(self._raw(0x00, 0x09, (5, 0, 0)), "Get System Boot Options")
-        data = response["data"]
-        if len(data) < 4 or data[1] & 0x80 or not data[2] & 0x80:
-            return BootSetting(BootDevice.NONE)
-        code = (data[3] >> 2) & 0x0F
-        device = _BOOT_NAMES.get(code)
-        if device is None:
-            raise BmcError(f"{self._where}: unknown boot device selector {code}")
-        return BootSetting(device, persistent=bool(data[2] & 0x40), uefi=bool(data[2] & 0x20))
+        setting: BootSetting = self._run(boot_device_operation())
+        return setting
 
     def close(self) -> None:
-        if self._cmd is None:
-            return
-        pyghmi_exc, _, _ = _pyghmi()
-        try:
-            with contextlib.suppress(pyghmi_exc.IpmiException, OSError, KeyError):
-                self._cmd.ipmi_session.logout()
-        finally:
-            self._cmd = None
-            self._lock.release()
-
-
-def _translate(exc: Exception, where: str, seconds: float) -> BmcError:
-    """pyghmi's exception text, as a typed error (it never holds the password)."""
-    text = str(exc) or type(exc).__name__
-    lowered = text.lower()
-    if "password" in lowered or "unauthorized name" in lowered or ("rakp" in lowered and "integrity" in lowered):
-        return BmcAuthError(f"{where}: authentication failed ({text})", hint=AUTH_HINT)
-    if "cipher" in lowered:
-        return BmcError(f"{where}: {text}", hint="enable cipher suite 17 or 3 on the BMC (never 0)")
-    if "timeout" in lowered or "no longer connected" in lowered or text in ("None", "IpmiException"):
-        return BmcUnreachableError(
-            f"{where}: no answer after {seconds:.1f} s",
-            hint="check provision_bmc_address/provision_bmc_port and that the BMC is on the network",
-        )
-    return BmcError(f"{where}: {text}")
+        if self._client is not None:
+            client, self._client = self._client, None
+            client.close()
 
 
 # --------------------------------------------------------------------------
@@ -459,12 +282,17 @@ def _require_bmc(node: Node) -> Bmc:
     return node.bmc
 
 
+def _unsupported(bmc: Bmc) -> BmcError:
+    return BmcError(
+        f"BMC protocol {bmc.protocol} is not implemented yet",
+        hint="set provision_bmc_protocol: ipmi for this node (Redfish support is planned)",
+    )
+
+
 def node_power(node: Node, action: PowerAction, *, timeout: float = 10.0) -> dict[str, Any]:
     """Carry out a power action on one node; a JSON-safe result."""
     with connect(_require_bmc(node), timeout=timeout) as client:
-        if action == PowerAction.STATUS:
-            return {"power": str(client.power_status())}
-        return {"power": str(client.power(action)), "action": str(action)}
+        return _power_result(action, client.power(action))
 
 
 def node_bootdev(
@@ -481,20 +309,79 @@ def node_bootdev_get(node: Node, *, timeout: float = 10.0) -> dict[str, Any]:
         return client.boot_device().as_dict()
 
 
+def _power_result(action: PowerAction, state: PowerState) -> dict[str, Any]:
+    if action == PowerAction.STATUS:
+        return {"power": str(state)}
+    return {"power": str(state), "action": str(action)}
+
+
 def fanout_options(count: int, **kwargs: Any) -> FanoutOptions:
-    """Fan-out settings for BMC work: retry unreachable BMCs, processes by size."""
-    kwargs.setdefault("processes", default_processes(count))
+    """Fan-out settings for BMC work: retry unreachable BMCs; one process (see ``power_nodes``)."""
+    kwargs.setdefault("processes", 1)
     kwargs.setdefault("retry_on", (BmcUnreachableError,))
     return FanoutOptions(**kwargs)
+
+
+def _fan_out(
+    nodes: Sequence[Node],
+    operation: Callable[[], Operation],
+    *,
+    privileged: bool,
+    options: FanoutOptions | None,
+    on_outcome: Callable[[Outcome], None] | None = None,
+    on_batch_wait: Callable[[int, float], None] | None = None,
+) -> list[Outcome]:
+    """``operation`` on every node's BMC: one event loop per batch (and per worker process)."""
+    opts = options or fanout_options(len(nodes))
+
+    def task(node: Node) -> Task:
+        try:
+            bmc = _require_bmc(node)
+            if bmc.protocol != BmcProtocol.IPMI:
+                raise _unsupported(bmc)
+        except BmcError as exc:
+            return Task(node.name, "", 0, "", str, operation, error=exc)
+        return Task(node.name, bmc.address, bmc.port, bmc.user, bmc.password.reveal, operation, privileged=privileged)
+
+    def run_batch(
+        indexes: list[int], fanout: int, report: Callable[[Outcome], None] | None
+    ) -> list[tuple[int, Outcome]]:
+        outcomes = run_tasks(
+            [task(nodes[i]) for i in indexes],
+            fanout=fanout,
+            timeout=opts.timeout,
+            retries=opts.retries,
+            backoff=opts.backoff,
+            retry_on=opts.retry_on,
+            on_outcome=report,
+        )
+        return list(zip(indexes, outcomes, strict=True))
+
+    return fan_out_batches(
+        len(nodes),
+        run_batch,
+        name_of=lambda i: nodes[i].name,
+        options=opts,
+        on_outcome=on_outcome,
+        on_batch_wait=on_batch_wait,
+    )
+
+
+def _mapped(operation: Generator[Request, IpmiResponse, Any], result: Callable[[Any], Any]) -> Operation:
+    value = yield from operation
+    return result(value)
 
 
 def power_nodes(
     nodes: Sequence[Node], action: PowerAction, options: FanoutOptions | None = None, **hooks: Any
 ) -> list[Outcome]:
-    opts = options or fanout_options(len(nodes))
-    per_call = opts.timeout or 10.0
-    return fan_out(
-        nodes, lambda n: node_power(n, action, timeout=per_call), name=lambda n: n.name, options=opts, **hooks
+    """``action`` on every node: one Outcome per node (value ``{"power": ..., "action": ...}``), in order."""
+    return _fan_out(
+        nodes,
+        lambda: _mapped(power_operation(action), lambda state: _power_result(action, state)),
+        privileged=action != PowerAction.STATUS,  # Get Chassis Status is a user-level command
+        options=options,
+        **hooks,
     )
 
 
@@ -507,12 +394,47 @@ def bootdev_nodes(
     options: FanoutOptions | None = None,
     **hooks: Any,
 ) -> list[Outcome]:
-    opts = options or fanout_options(len(nodes))
-    per_call = opts.timeout or 10.0
-    return fan_out(
-        nodes,
-        lambda n: node_bootdev(n, device, persistent=persistent, uefi=uefi, timeout=per_call),
-        name=lambda n: n.name,
-        options=opts,
-        **hooks,
+    """Set the next boot device of every node and read it back (value: ``BootSetting.as_dict()``)."""
+
+    def operation() -> Operation:
+        yield from set_boot_operation(device, persistent=persistent, uefi=uefi)
+        setting = yield from boot_device_operation()
+        return setting.as_dict()
+
+    return _fan_out(nodes, operation, privileged=True, options=options, **hooks)
+
+
+def bootdev_get_nodes(nodes: Sequence[Node], options: FanoutOptions | None = None, **hooks: Any) -> list[Outcome]:
+    """Read every node's boot device setting (value: ``BootSetting.as_dict()``)."""
+    return _fan_out(
+        nodes, lambda: _mapped(boot_device_operation(), BootSetting.as_dict), privileged=True, options=options, **hooks
     )
+
+
+# --------------------------------------------------------------------------
+# pyghmi, for provision.vbmc's server side only
+
+
+def install_recv_fix(pyghmi_session: Any) -> None:
+    """Make pyghmi's socket reads non-blocking per call, not per socket.
+
+    Used by the virtual BMCs (provision.vbmc runs pyghmi's server); the
+    client side of provision no longer uses pyghmi. pyghmi's I/O loop reads
+    with ``sock.setblocking(0); sock.recvfrom()`` while a sender calls
+    ``sock.setblocking(1); sock.sendto()`` on the same socket: when the two
+    interleave, the read blocks on an empty socket and every BMC of the
+    process stalls until a packet happens to arrive. Reading with
+    MSG_DONTWAIT gives the non-blocking read pyghmi intends whatever the
+    socket's mode. Nothing on the wire changes.
+    """
+    if getattr(pyghmi_session, "_provision_recv_fix", False):
+        return
+
+    def _io_recvfrom(mysocket: socket.socket, size: int) -> tuple[bytes, Any] | None:
+        try:
+            return mysocket.recvfrom(size, socket.MSG_DONTWAIT)
+        except OSError:
+            return None
+
+    pyghmi_session._io_recvfrom = _io_recvfrom
+    pyghmi_session._provision_recv_fix = True

@@ -8,14 +8,16 @@ per-item timeout and retries with exponential backoff on the errors the
 caller names. A failing item never stops the others: every item gets an
 ``Outcome`` (ok or not, value, error and hint, seconds, attempts).
 
-Work runs on threads. With ``processes=N`` each batch is split over N forked
-worker processes, each with its share of the threads: for libraries such as
-pyghmi whose per-call cost is Python CPU time under one GIL, processes are
-what scales (measured in bench/bmc_fanout.py). Forked workers inherit
-``task`` and the items (nothing is pickled on the way in; outcomes come back
-pickled), so tasks may close over unpicklable state such as secrets. A
-library with process-wide I/O state must reset it in the child
-(os.register_at_fork); provision.bmc does so for pyghmi.
+Work runs on threads. A caller with its own engine for a whole batch (the
+IPMI event loop of provision.ipmi, which runs every session of a batch in one
+thread) passes it to ``fan_out_batches`` instead of a per-item task: batches,
+waits and worker processes stay here.
+
+With ``processes=N`` each batch is split over N forked worker processes,
+each with its share of the fan-out. Forked workers inherit the task and the
+items (nothing is pickled on the way in; outcomes come back pickled), so
+tasks may close over unpicklable state such as secrets. A library with
+process-wide I/O state must reset it in the child (os.register_at_fork).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from provision.errors import ProvisionError
 
@@ -100,18 +102,20 @@ class FanoutOptions:
             raise ProvisionError(f"--retries: {self.retries} must not be negative", hint="use e.g. 2")
 
 
-class _Job(Generic[T]):
-    def __init__(
-        self, items: Sequence[T], task: Callable[[T], Any], name: Callable[[T], str], options: FanoutOptions
-    ) -> None:
-        self.items = items
-        self.task = task
-        self.name = name
+# Runs the items at ``indexes`` with at most ``fanout`` in flight; calls
+# ``report`` (when given) as each outcome is known; returns every outcome.
+BatchRunner = Callable[[list[int], int, Callable[[Outcome], None] | None], list[tuple[int, Outcome]]]
+
+
+class _Job:
+    def __init__(self, run_batch: BatchRunner, name_of: Callable[[int], str], options: FanoutOptions) -> None:
+        self.run_batch = run_batch
+        self.name_of = name_of
         self.options = options
 
 
 # The job forked workers run: set before forking, read in the child.
-_FORKED_JOB: _Job[Any] | None = None
+_FORKED_JOB: _Job | None = None
 
 
 def batches(items: Sequence[T], size: int | None) -> Iterator[Sequence[T]]:
@@ -131,11 +135,38 @@ def fan_out(
     on_outcome: Callable[[Outcome], None] | None = None,
     on_batch_wait: Callable[[int, float], None] | None = None,
 ) -> list[Outcome]:
-    """``task(item)`` for every item; one Outcome per item, in item order."""
+    """``task(item)`` for every item, on threads; one Outcome per item, in item order."""
     opts = options or FanoutOptions()
-    job = _Job(items, task, name, opts)
+
+    def run_batch(
+        indexes: list[int], fanout: int, report: Callable[[Outcome], None] | None
+    ) -> list[tuple[int, Outcome]]:
+        return _run_threads(items, task, name, opts, indexes, fanout, report)
+
+    return fan_out_batches(
+        len(items),
+        run_batch,
+        name_of=lambda i: name(items[i]),
+        options=opts,
+        on_outcome=on_outcome,
+        on_batch_wait=on_batch_wait,
+    )
+
+
+def fan_out_batches(
+    count: int,
+    run_batch: BatchRunner,
+    *,
+    name_of: Callable[[int], str],
+    options: FanoutOptions,
+    on_outcome: Callable[[Outcome], None] | None = None,
+    on_batch_wait: Callable[[int, float], None] | None = None,
+) -> list[Outcome]:
+    """Items ``0..count-1`` in batches, each batch run by ``run_batch`` (in worker processes if asked)."""
+    opts = options
+    job = _Job(run_batch, name_of, opts)
     outcomes: dict[int, Outcome] = {}
-    all_batches = list(batches(range(len(items)), opts.batch))
+    all_batches = list(batches(range(count), opts.batch))
     for number, indexes in enumerate(all_batches):
         if number and opts.batch_wait:
             if on_batch_wait:
@@ -144,25 +175,26 @@ def fan_out(
         processes = min(opts.processes, math.ceil(len(indexes) / 8))
         if processes > 1:
             got = _run_processes(job, list(indexes), processes)
+            for _, outcome in got:
+                if on_outcome:
+                    on_outcome(outcome)
         else:
-            got = _run_threads(job, list(indexes), opts.fanout)
+            got = run_batch(list(indexes), opts.fanout, on_outcome)
         for index, outcome in got:
             outcomes[index] = outcome
-            if on_outcome:
-                on_outcome(outcome)
-    return [outcomes[i] for i in range(len(items))]
+    return [outcomes[i] for i in range(count)]
 
 
-def _attempt(job: _Job[T], item: T, started: dict[int, float], index: int) -> Outcome:
-    opts = job.options
-    name = job.name(item)
+def _attempt(
+    task: Callable[[T], Any], item: T, name: str, opts: FanoutOptions, started: dict[int, float], index: int
+) -> Outcome:
     t0 = time.monotonic()
     started[index] = t0
     attempt = 0
     while True:
         attempt += 1
         try:
-            value = job.task(item)
+            value = task(item)
             return Outcome(name, Result.OK, value=value, seconds=time.monotonic() - t0, attempts=attempt)
         except Exception as exc:
             if opts.retry_on and isinstance(exc, opts.retry_on) and attempt <= opts.retries:
@@ -170,10 +202,11 @@ def _attempt(job: _Job[T], item: T, started: dict[int, float], index: int) -> Ou
                 log.debug("%s: attempt %d failed (%s); retrying in %.1f s", name, attempt, exc, delay)
                 time.sleep(delay)
                 continue
-            return _failure(name, exc, time.monotonic() - t0, attempt)
+            return failure_outcome(name, exc, time.monotonic() - t0, attempt)
 
 
-def _failure(name: str, exc: BaseException, seconds: float, attempts: int) -> Outcome:
+def failure_outcome(name: str, exc: BaseException, seconds: float, attempts: int) -> Outcome:
+    """The Outcome of an item that raised ``exc``: message and hint of a ProvisionError."""
     if isinstance(exc, ProvisionError):
         message, hint = exc.message, exc.hint
     else:
@@ -183,19 +216,47 @@ def _failure(name: str, exc: BaseException, seconds: float, attempts: int) -> Ou
     )
 
 
-def _run_threads(job: _Job[Any], indexes: list[int], workers: int) -> list[tuple[int, Outcome]]:
+def timeout_outcome(name: str, timeout: float, seconds: float) -> Outcome:
+    """The Outcome of an item without a result after ``timeout`` seconds."""
+    return Outcome(
+        name,
+        Result.TIMEOUT,
+        error=f"{name}: no result after {timeout:g} s",
+        hint="raise --timeout, or check the node's BMC",
+        kind="Timeout",
+        seconds=seconds,
+    )
+
+
+def _run_threads(
+    items: Sequence[T],
+    task: Callable[[T], Any],
+    name: Callable[[T], str],
+    opts: FanoutOptions,
+    indexes: list[int],
+    workers: int,
+    report: Callable[[Outcome], None] | None,
+) -> list[tuple[int, Outcome]]:
     """Run ``indexes`` on at most ``workers`` threads; enforce the timeout."""
-    timeout = job.options.timeout
+    timeout = opts.timeout
     started: dict[int, float] = {}
     results: list[tuple[int, Outcome]] = []
     executor = ThreadPoolExecutor(max_workers=max(1, min(workers, len(indexes))), thread_name_prefix="fanout")
-    futures: dict[Future[Outcome], int] = {executor.submit(_attempt, job, job.items[i], started, i): i for i in indexes}
+    futures: dict[Future[Outcome], int] = {
+        executor.submit(_attempt, task, items[i], name(items[i]), opts, started, i): i for i in indexes
+    }
     pending = set(futures)
+
+    def done_with(index: int, outcome: Outcome) -> None:
+        results.append((index, outcome))
+        if report:
+            report(outcome)
+
     try:
         while pending:
             done, pending = wait(pending, timeout=0.05 if timeout else None, return_when=FIRST_COMPLETED)
             for fut in done:
-                results.append((futures[fut], fut.result()))
+                done_with(futures[fut], fut.result())
             if timeout:
                 now = time.monotonic()
                 for fut in list(pending):
@@ -203,20 +264,7 @@ def _run_threads(job: _Job[Any], indexes: list[int], workers: int) -> list[tuple
                     begun = started.get(index)
                     if begun is not None and now - begun > timeout:
                         pending.discard(fut)
-                        name = job.name(job.items[index])
-                        results.append(
-                            (
-                                index,
-                                Outcome(
-                                    name,
-                                    Result.TIMEOUT,
-                                    error=f"{name}: no result after {timeout:g} s",
-                                    hint="raise --timeout, or check the node's BMC",
-                                    kind="Timeout",
-                                    seconds=now - begun,
-                                ),
-                            )
-                        )
+                        done_with(index, timeout_outcome(name(items[index]), timeout, now - begun))
     finally:
         # Threads stuck past their timeout are abandoned, not waited for.
         executor.shutdown(wait=False, cancel_futures=True)
@@ -226,18 +274,17 @@ def _run_threads(job: _Job[Any], indexes: list[int], workers: int) -> list[tuple
 def _shard_worker(shard: list[int], conn: Any) -> None:
     job = _FORKED_JOB
     assert job is not None
-    threads = max(1, job.options.fanout // max(1, job.options.processes))
+    fanout = max(1, job.options.fanout // max(1, job.options.processes))
     try:
-        conn.send(_run_threads(job, shard, threads))
+        conn.send(job.run_batch(shard, fanout, None))
     except BaseException as exc:  # report, never leave the parent waiting
-        name = job.name
-        conn.send([(i, _failure(name(job.items[i]), exc, 0.0, 1)) for i in shard])
+        conn.send([(i, failure_outcome(job.name_of(i), exc, 0.0, 1)) for i in shard])
     finally:
         conn.close()
         os._exit(0)  # no atexit or inherited cleanup in a forked worker
 
 
-def _run_processes(job: _Job[Any], indexes: list[int], processes: int) -> list[tuple[int, Outcome]]:
+def _run_processes(job: _Job, indexes: list[int], processes: int) -> list[tuple[int, Outcome]]:
     """One forked worker per shard; each runs its shard on threads."""
     global _FORKED_JOB
     shards = [indexes[i::processes] for i in range(processes)]
@@ -258,15 +305,9 @@ def _run_processes(job: _Job[Any], indexes: list[int], processes: int) -> list[t
         try:
             results.extend(conn.recv())
         except EOFError:
-            name = job.name
             lost = ProvisionError(f"worker process {proc.pid} died", hint="run with --debug and report the bug")
-            results.extend((i, _failure(name(job.items[i]), lost, 0.0, 1)) for i in shard)
+            results.extend((i, failure_outcome(job.name_of(i), lost, 0.0, 1)) for i in shard)
         finally:
             conn.close()
             proc.join()
     return results
-
-
-def default_processes(count: int) -> int:
-    """Worker processes for ``count`` items: one per 100 items, up to 2 per core."""
-    return max(1, min(2 * (os.cpu_count() or 1), math.ceil(count / 100)))

@@ -14,6 +14,8 @@ from provision.bmc import (
     IpmiClient,
     PowerAction,
     PowerState,
+    bootdev_get_nodes,
+    bootdev_nodes,
     fanout_options,
     power_nodes,
 )
@@ -150,7 +152,7 @@ print(json.dumps([o.as_dict() for o in outcomes]))
 
 
 def test_fan_out_over_worker_processes(fleet: VbmcFleet) -> None:
-    """pyghmi in forked workers (a fresh parent: this one already runs pyghmi's I/O thread)."""
+    """--processes: one event loop per forked worker, from a fresh parent; the same BMC four times each."""
     import json
     import os
     import subprocess
@@ -167,9 +169,35 @@ def test_fan_out_over_worker_processes(fleet: VbmcFleet) -> None:
     assert [o["result"] for o in outcomes] == ["ok"] * 32, [o["error"] for o in outcomes if o["error"]]
 
 
-def test_fan_out_forks_cleanly_from_a_process_that_already_runs_pyghmi(fleet: VbmcFleet) -> None:
-    with client(fleet, "n01") as c:  # this process now has pyghmi's I/O thread and sessions
+def test_fan_out_forks_cleanly_from_a_process_with_an_open_session(fleet: VbmcFleet) -> None:
+    with client(fleet, "n01") as c:  # a session (and its socket) open while the workers fork
         c.power_status()
-    nodes = [node(fleet, name) for name in GOOD] * 2
-    outcomes = power_nodes(nodes, PowerAction.STATUS, fanout_options(len(nodes), processes=2, fanout=4))
+        nodes = [node(fleet, name) for name in GOOD] * 2
+        outcomes = power_nodes(nodes, PowerAction.STATUS, fanout_options(len(nodes), processes=2, fanout=4))
+        assert c.power_status() == PowerState(fleet.state("n01")["power"])  # the session still works
     assert [o.result for o in outcomes] == ["ok"] * 16, [o.error for o in outcomes if o.error]
+
+
+def test_boot_device_over_many_nodes_and_read_back(fleet: VbmcFleet) -> None:
+    nodes = [node(fleet, name) for name in GOOD[:4]] + [node(fleet, "wrongpw")]
+    outcomes = bootdev_nodes(nodes, BootDevice.DISK, persistent=True, options=fanout_options(len(nodes), retries=0))
+    assert [o.value for o in outcomes[:4]] == [{"device": "disk", "persistent": True, "uefi": False}] * 4
+    assert outcomes[4].kind == "BmcAuthError"
+    shown = bootdev_get_nodes(nodes[:4])
+    assert [o.value for o in shown] == [{"device": "disk", "persistent": True, "uefi": False}] * 4
+    state = fleet.state(GOOD[0])
+    assert (state["bootdev"], state["persistent"]) == ("disk", True)
+    assert state["history"][-1] == "bootdev:disk"
+
+
+def test_node_without_a_bmc_or_with_redfish_fails_alone(fleet: VbmcFleet) -> None:
+    redfish = Bmc("127.0.0.1", "admin", Secret("t", lambda: PASSWORD), port=1, protocol=BmcProtocol.REDFISH)
+    nodes = [
+        node(fleet, "n01"),
+        Node("nobmc", "r1", "", "", None, None),
+        Node("rf", "r1", "", "", None, redfish),
+    ]
+    outcomes = power_nodes(nodes, PowerAction.STATUS, fanout_options(len(nodes), retries=0))
+    assert [o.result for o in outcomes] == ["ok", "failed", "failed"]
+    assert "no BMC in the inventory" in (outcomes[1].error or "")
+    assert "not implemented yet" in (outcomes[2].error or "")

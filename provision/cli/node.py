@@ -104,7 +104,7 @@ def _apply_fanout_options(func: F, timeout_flag: str, timeout_dest: str) -> F:
         click.option(
             "--processes",
             type=click.IntRange(min=1),
-            help="Worker processes sharing the fan-out (default: one per 100 nodes, up to 2 per core).",
+            help="Worker processes sharing the fan-out (default 1: one event loop answers thousands of BMCs).",
         ),
         click.option(
             "--retries",
@@ -288,7 +288,7 @@ def bootdev(
     --persistent; `show` reads the current setting. The setting is read back
     from the BMC after it is written.
     """
-    from provision.bmc import BootDevice, bootdev_nodes, node_bootdev_get
+    from provision.bmc import BootDevice, bootdev_get_nodes, bootdev_nodes
 
     nodes = _bmc_nodes(app)
     opts = _options(len(nodes), **settings)
@@ -301,10 +301,7 @@ def bootdev(
         _plan(nodes, operation, opts, as_json)
         return
     if device == "show":
-        from provision.fanout import fan_out
-
-        per_call = opts.timeout or 10.0
-        outcomes = fan_out(nodes, lambda n: node_bootdev_get(n, timeout=per_call), name=lambda n: n.name, options=opts)
+        outcomes = bootdev_get_nodes(nodes, opts)
     else:
         outcomes = bootdev_nodes(
             nodes, BootDevice(device), persistent=persistent, uefi=uefi, options=opts, on_batch_wait=_batch_note

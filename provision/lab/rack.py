@@ -289,7 +289,7 @@ class Rack:
             )
         data["nodes"] = nodes
         self._save(data)
-        password = secrets.token_urlsafe(18)
+        password = secrets.token_urlsafe(15)  # 20 characters: the IPMI v2.0 limit
         self._write_vault_password()
         self._write_ssh_key()
         data["vbmc_pid"] = self._start_vbmc(specs, nodes, password)

@@ -1,0 +1,288 @@
+"""IPMI v2.0 LAN wire format: RMCP+ packets and the messages they carry.
+
+Pure functions over bytes, no I/O (section 13.6, 13.8, 13.17-13.23, table
+13-8). An RMCP+ packet is::
+
+    RMCP header 06 00 ff 07 | auth type 06 | payload type | session id (LE32)
+    | session sequence (LE32) | payload length (LE16) | payload
+    [| integrity pad ff.. | pad length | next header 07 | AuthCode]
+
+with bit 7 of the payload type for an encrypted payload and bit 6 for an
+authenticated packet. The handshake messages (Open Session, RAKP 1-4) travel
+in the clear with session id 0; after RAKP4 every message is encrypted and
+authenticated with the session's keys. The payload of an IPMI message
+(payload type 0) is the LAN message of section 13.8: rsAddr, netFn/LUN,
+checksum, rqAddr, rqSeq/LUN, command, data, checksum.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from provision.ipmi.crypto import SessionKeys
+
+RMCP_HEADER = b"\x06\x00\xff\x07"
+AUTH_RMCP_PLUS = 0x06
+PAYLOAD_IPMI = 0x00
+PAYLOAD_OPEN_REQUEST = 0x10
+PAYLOAD_OPEN_RESPONSE = 0x11
+PAYLOAD_RAKP1 = 0x12
+PAYLOAD_RAKP2 = 0x13
+PAYLOAD_RAKP3 = 0x14
+PAYLOAD_RAKP4 = 0x15
+ENCRYPTED = 0x80
+AUTHENTICATED = 0x40
+
+BMC_ADDRESS = 0x20  # rsAddr: the BMC
+CONSOLE_SWID = 0x81  # rqAddr: remote console software id (table 5-4)
+
+# Requested privilege levels (table 6-?) and the RAKP1 role's name-only lookup bit.
+PRIV_USER = 2
+PRIV_OPERATOR = 3
+PRIV_ADMINISTRATOR = 4
+NAME_ONLY_LOOKUP = 0x10
+
+# RMCP+ and RAKP message status codes (table 13-15).
+RMCP_STATUS = {
+    0x01: "insufficient resources to create a session",
+    0x02: "invalid session id",
+    0x03: "invalid payload type",
+    0x04: "invalid authentication algorithm",
+    0x05: "invalid integrity algorithm",
+    0x06: "no matching authentication payload",
+    0x07: "no matching integrity payload",
+    0x08: "inactive session id",
+    0x09: "invalid role",
+    0x0A: "unauthorized role or privilege level requested",
+    0x0B: "insufficient resources to create a session at the requested role",
+    0x0C: "invalid name length",
+    0x0D: "unauthorized name",
+    0x0E: "unauthorized GUID",
+    0x0F: "invalid integrity check value",
+    0x10: "invalid confidentiality algorithm",
+    0x11: "no cipher suite match with proposed security algorithms",
+    0x12: "illegal or unrecognized parameter",
+}
+RMCP_NO_CIPHER_SUITE_MATCH = 0x11
+
+# Completion codes (table 5-2).
+COMPLETION_CODES = {
+    0xC0: "node busy",
+    0xC1: "invalid command",
+    0xC2: "command invalid for given LUN",
+    0xC3: "timeout while processing command",
+    0xC4: "out of space",
+    0xC5: "reservation canceled or invalid",
+    0xC6: "request data truncated",
+    0xC7: "request data length invalid",
+    0xC8: "request data field length limit exceeded",
+    0xC9: "parameter out of range",
+    0xCA: "cannot return number of requested data bytes",
+    0xCB: "requested sensor, data, or record not present",
+    0xCC: "invalid data field in request",
+    0xCD: "command illegal for specified sensor or record type",
+    0xCE: "command response could not be provided",
+    0xCF: "cannot execute duplicated request",
+    0xD0: "SDR repository in update mode",
+    0xD1: "device in firmware update mode",
+    0xD2: "BMC initialization in progress",
+    0xD3: "destination unavailable",
+    0xD4: "insufficient privilege level",
+    0xD5: "command not supported in present state",
+    0xD6: "command sub-function disabled or unavailable",
+    0xFF: "unspecified error",
+}
+
+
+def rmcp_status(code: int) -> str:
+    return RMCP_STATUS.get(code, f"RMCP+ status 0x{code:02x}")
+
+
+def completion_code(code: int) -> str:
+    return COMPLETION_CODES.get(code, f"completion code 0x{code:02x}")
+
+
+def checksum(data: bytes) -> int:
+    """The two's complement checksum of IPMI messages (data + checksum == 0 mod 256)."""
+    return -sum(data) & 0xFF
+
+
+# --------------------------------------------------------------------------
+# IPMI LAN messages (section 13.8)
+
+
+@dataclass(frozen=True)
+class IpmiResponse:
+    netfn: int  # the response's netFn (request netFn + 1)
+    seq: int
+    command: int
+    code: int  # completion code
+    data: bytes
+
+
+def ipmi_request(netfn: int, command: int, seq: int, data: bytes = b"") -> bytes:
+    header = bytes([BMC_ADDRESS, netfn << 2])
+    body = bytes([CONSOLE_SWID, (seq & 0x3F) << 2, command]) + data
+    return header + bytes([checksum(header)]) + body + bytes([checksum(body)])
+
+
+def parse_ipmi_response(message: bytes) -> IpmiResponse | None:
+    """A response message to this console, or None if malformed (length or checksum)."""
+    if len(message) < 8 or checksum(message[:2]) != message[2] or checksum(message[3:-1]) != message[-1]:
+        return None
+    return IpmiResponse(
+        netfn=message[1] >> 2, seq=message[4] >> 2, command=message[5], code=message[6], data=bytes(message[7:-1])
+    )
+
+
+# --------------------------------------------------------------------------
+# RMCP+ packets (table 13-8)
+
+
+@dataclass(frozen=True)
+class Packet:
+    """A received RMCP+ packet, not yet authenticated."""
+
+    payload_type: int  # without the encrypted/authenticated bits
+    encrypted: bool
+    authenticated: bool
+    session_id: int
+    sequence: int
+    payload: bytes  # as sent: encrypted if ``encrypted``
+    raw: bytes
+
+
+def parse_packet(raw: bytes) -> Packet | None:
+    """The header of an RMCP+ packet, or None for anything else (IPMI 1.5, ASF, short)."""
+    if len(raw) < 16 or raw[:4] != RMCP_HEADER or raw[4] != AUTH_RMCP_PLUS:
+        return None
+    kind = raw[5]
+    session_id, sequence, length = struct.unpack_from("<IIH", raw, 6)
+    if 16 + length > len(raw):
+        return None
+    return Packet(
+        payload_type=kind & 0x3F,
+        encrypted=bool(kind & ENCRYPTED),
+        authenticated=bool(kind & AUTHENTICATED),
+        session_id=session_id,
+        sequence=sequence,
+        payload=raw[16 : 16 + length],
+        raw=raw,
+    )
+
+
+def build_packet(payload_type: int, session_id: int, sequence: int, payload: bytes, keys: SessionKeys | None) -> bytes:
+    """An RMCP+ packet; with ``keys``, encrypted (AES-CBC-128) and authenticated."""
+    if keys is None:
+        return (
+            RMCP_HEADER
+            + struct.pack("<BBIIH", AUTH_RMCP_PLUS, payload_type, session_id, sequence, len(payload))
+            + payload
+        )
+    body = keys.encrypt(payload)
+    packet = RMCP_HEADER + struct.pack(
+        "<BBIIH", AUTH_RMCP_PLUS, payload_type | ENCRYPTED | AUTHENTICATED, session_id, sequence, len(body)
+    )
+    packet += body
+    pad = (4 - (len(packet) - 2) % 4) % 4  # Auth Type .. Next Header: a multiple of 4 bytes
+    packet += b"\xff" * pad + bytes([pad, 0x07])
+    return packet + keys.auth_code(packet[4:])
+
+
+def open_packet(packet: Packet, keys: SessionKeys) -> bytes | None:
+    """The plain payload of an authenticated (and encrypted) packet, or None if it fails the checks."""
+    if not (packet.authenticated and packet.encrypted):
+        return None  # a session's messages must be both: anything else is refused
+    icv_length = keys.suite.icv_length
+    raw = packet.raw
+    if len(raw) < 16 + len(packet.payload) + 2 + icv_length:
+        return None
+    if keys.auth_code(raw[4:-icv_length]) != raw[-icv_length:]:
+        return None
+    try:
+        return keys.decrypt(packet.payload)
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------
+# Session establishment messages (section 13.17-13.23)
+
+
+def open_session_request(tag: int, privilege: int, console_sid: int, algorithms: tuple[int, int, int]) -> bytes:
+    auth, integrity, confidentiality = algorithms
+    return (
+        bytes([tag, privilege, 0, 0])
+        + console_sid.to_bytes(4, "little")
+        + bytes([0, 0, 0, 8, auth, 0, 0, 0])
+        + bytes([1, 0, 0, 8, integrity, 0, 0, 0])
+        + bytes([2, 0, 0, 8, confidentiality, 0, 0, 0])
+    )
+
+
+@dataclass(frozen=True)
+class OpenSessionResponse:
+    tag: int
+    status: int
+    console_sid: int
+    bmc_sid: int = 0
+    algorithms: tuple[int, int, int] = (0, 0, 0)  # what the BMC chose
+
+
+def parse_open_session_response(payload: bytes) -> OpenSessionResponse | None:
+    if len(payload) < 8:
+        return None
+    tag, status = payload[0], payload[1]
+    console_sid = int.from_bytes(payload[4:8], "little")
+    if status != 0:
+        return OpenSessionResponse(tag, status, console_sid)
+    if len(payload) < 36:
+        return None
+    return OpenSessionResponse(
+        tag, 0, console_sid, int.from_bytes(payload[8:12], "little"), (payload[16], payload[24], payload[32])
+    )
+
+
+def rakp1(tag: int, bmc_sid: int, rm: bytes, role: int, user: bytes) -> bytes:
+    return bytes([tag, 0, 0, 0]) + bmc_sid.to_bytes(4, "little") + rm + bytes([role, 0, 0, len(user)]) + user
+
+
+@dataclass(frozen=True)
+class Rakp2:
+    tag: int
+    status: int
+    console_sid: int
+    rc: bytes = b""
+    guid: bytes = b""
+    code: bytes = b""
+
+
+def parse_rakp2(payload: bytes) -> Rakp2 | None:
+    if len(payload) < 8:
+        return None
+    tag, status = payload[0], payload[1]
+    console_sid = int.from_bytes(payload[4:8], "little")
+    if status != 0:
+        return Rakp2(tag, status, console_sid)
+    if len(payload) < 40:
+        return None
+    return Rakp2(tag, 0, console_sid, bytes(payload[8:24]), bytes(payload[24:40]), bytes(payload[40:]))
+
+
+def rakp3(tag: int, status: int, bmc_sid: int, code: bytes) -> bytes:
+    return bytes([tag, status, 0, 0]) + bmc_sid.to_bytes(4, "little") + code
+
+
+@dataclass(frozen=True)
+class Rakp4:
+    tag: int
+    status: int
+    console_sid: int
+    icv: bytes = b""
+
+
+def parse_rakp4(payload: bytes) -> Rakp4 | None:
+    if len(payload) < 8:
+        return None
+    return Rakp4(payload[0], payload[1], int.from_bytes(payload[4:8], "little"), bytes(payload[8:]))
