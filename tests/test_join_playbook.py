@@ -166,7 +166,7 @@ def test_admin_side_checks_fail_per_node_with_a_message(tmp_path: Path) -> None:
 # -- vm: the real join, against a booted systemd node ------------------------------------
 
 ROOTFS_PACKAGES = "systemd,systemd-sysv,dbus,openssh-server,python3,munge,slurmd,slurm-client,iproute2,procps"
-# The image side of SSSD, as an image build applies it (sssd role, provision_image_build):
+# The image side of SSSD and slurmd, as an image build applies it (provision_image_build):
 # sssd.conf points at the test's control node; the bind password comes only at join.
 SSSD_IMAGE_VARS = {
     "provision_image_build": True,
@@ -194,7 +194,7 @@ WantedBy=multi-user.target
 @pytest.fixture(scope="session")
 def node_rootfs(request: pytest.FixtureRequest) -> Path:
     """A Debian 12 tree with systemd, sshd, munge and slurmd -- no host keys, no MUNGE key. Cached."""
-    cache = Path(request.config.cache.mkdir("join-node-rootfs-v2"))
+    cache = Path(request.config.cache.mkdir("join-node-rootfs-v3"))
     rootfs = cache / "rootfs"
     if (cache / "complete").is_file():
         return rootfs
@@ -213,15 +213,18 @@ def node_rootfs(request: pytest.FixtureRequest) -> Path:
     wants = rootfs / "etc/systemd/system/multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
     (wants / "provision-test-hostkey.service").symlink_to("/etc/systemd/system/provision-test-hostkey.service")
-    # Apply the sssd role's image-time tasks to the tree through the chroot connection.
+    # Apply the sssd and slurm_node roles' image-time tasks to the tree through the chroot connection.
     shutil.copyfile("/etc/resolv.conf", rootfs / "etc/resolv.conf")
     play = [
         {
-            "name": "image side of sssd",
+            "name": "image side of sssd and slurmd",
             "hosts": "all",
             "gather_facts": True,
             "vars": SSSD_IMAGE_VARS,
-            "tasks": [{"name": "sssd", "ansible.builtin.include_role": {"name": "sssd"}}],
+            "tasks": [
+                {"name": "sssd", "ansible.builtin.include_role": {"name": "sssd"}},
+                {"name": "slurm_node", "ansible.builtin.include_role": {"name": "slurm_node"}},
+            ],
         }
     ]
     (cache / "image.yml").write_text(yaml.safe_dump(play, sort_keys=False))
