@@ -216,3 +216,21 @@ def test_follow_turns_log_events_into_stages(tmp_path: Path, monkeypatch: pytest
 def test_boot_settings_refuse_a_bad_timeout() -> None:
     with pytest.raises(BootError, match="--timeout"):
         BootSettings(timeout=-1)
+
+
+# -- provision node join ------------------------------------------------------------------
+
+
+def test_node_join_reports_each_node(tmp_path: Path) -> None:
+    """The join playbook's admin-side checks fail before any connection: one result per node, exit 1."""
+    import json
+
+    site = make_inventory(tmp_path, store=make_store(tmp_path / "store"))
+    result = run_provision("-i", str(site), "node", "join", "--all", "--json", timeout=600)
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert report["summary"] == {"ok": 0, "failed": 2}
+    for node in report["nodes"]:
+        assert not node["ok"]
+        assert "Require a Slurm controller to ask" in node["error"], node
+        assert "slurm_controller_host" in node["error"]
