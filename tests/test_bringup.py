@@ -231,6 +231,6 @@ def test_node_join_reports_each_node(tmp_path: Path) -> None:
     report = json.loads(result.stdout)
     assert report["summary"] == {"ok": 0, "failed": 2}
     for node in report["nodes"]:
-        assert not node["ok"]
+        assert node["result"] == "failed"
         assert "Require a Slurm controller to ask" in node["error"], node
         assert "slurm_controller_host" in node["error"]

@@ -12,10 +12,10 @@ from rich.live import Live
 from rich.table import Table
 
 from provision.cli.context import AppContext, emit_json, pass_app
-from provision.cli.node import Duration, _confirm, bmc_fanout_options
+from provision.cli.node import Duration, _confirm, _report, bmc_fanout_options
 from provision.cli.options import assume_yes, get_selection, json_output, selection
 from provision.errors import ProvisionError
-from provision.fanout import FanoutOptions
+from provision.fanout import FanoutOptions, Outcome, Result
 
 
 def _progress_table(rows: Sequence[Any], started: float) -> Table:
@@ -195,24 +195,10 @@ def join(app: AppContext, /, join_timeout: float | None, as_json: bool) -> None:
         timeout=int(join_timeout) if join_timeout else None,
         verbosity=max(0, app.verbose - 1),
     )
-    failed = [r for r in results if not r.ok]
-    if as_json:
-        emit_json(
-            {
-                "nodes": [r.as_dict() for r in results],
-                "summary": {"ok": len(results) - len(failed), "failed": len(failed)},
-            }
-        )
-    else:
-        table = Table(box=None, pad_edge=False)
-        for column in ("NODE", "RESULT", "TIME", "ERROR"):
-            table.add_column(column)
-        for r in results:
-            table.add_row(r.node, "ok" if r.ok else "[red]failed[/red]", f"{r.seconds:.1f}s", r.error)
-        Console(soft_wrap=True).print(table)
-        click.echo(f"join: {len(results) - len(failed)} ok, {len(failed)} failed", err=True)
-    if failed:
-        raise click.exceptions.Exit(1)
+    outcomes = [
+        Outcome(r.node, Result.OK if r.ok else Result.FAILED, error=r.error or None, seconds=r.seconds) for r in results
+    ]
+    _report("join", outcomes, as_json, lambda _: "joined")
 
 
 __all__ = ["boot", "join", "report", "timeline_table"]
