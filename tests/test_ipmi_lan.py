@@ -245,7 +245,9 @@ def test_unreachable_bmc_is_retried_with_backoff(fleet: VbmcFleet) -> None:
 def test_deadline_reports_a_timeout(fleet: VbmcFleet) -> None:
     outcomes = run_tasks([task("dead", port(fleet, "dead")), task("slow", port(fleet, "slow"))], timeout=1.0)
     assert outcomes[0].result == Result.TIMEOUT and outcomes[0].kind == "Timeout"
-    assert "no result after 1 s" in (outcomes[0].error or "")
+    dead = port(fleet, "dead")
+    assert outcomes[0].error == f"BMC 127.0.0.1:{dead}: no result within 1 s"  # names the BMC to check
+    assert "provision_bmc_address" in (outcomes[0].hint or "")
     assert 0.9 < outcomes[0].seconds < 1.5
     assert outcomes[1].ok  # 0.3 s per command: within the deadline
 

@@ -19,7 +19,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from provision.errors import ProvisionError
@@ -202,7 +202,16 @@ class Runner:
     def _expired(self, job: _Job, now: float) -> None:
         job.deadline = None
         if job.outcome is None:
-            self._report(job, timeout_outcome(job.task.name, self.timeout or math.inf, now - job.started))
+            expired = timeout_outcome(job.task.name, self.timeout or math.inf, now - job.started)
+            where = f"BMC {job.task.host}:{job.task.port}"
+            self._report(
+                job,
+                replace(
+                    expired,
+                    error=f"{where}: no result within {self.timeout or math.inf:g} s",
+                    hint=f"{UNREACHABLE_HINT}; or raise the timeout",
+                ),
+            )
         if job.retry is not None:
             job.retry.cancel()
             job.retry = None
