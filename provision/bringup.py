@@ -34,7 +34,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from provision.boot.base import BackendName, BootHost, backend_config, get_backend, sync_hosts
+from provision.boot.base import BackendName, backend_config, get_backend, site_hosts, sync_hosts
 from provision.boot.events import BootEvent, Client, Phase
 from provision.console import ConsoleLog
 from provision.errors import BootError, ProvisionError
@@ -153,6 +153,7 @@ class NodeBoot:
         self.progress = {n.name: NodeProgress(n.name, n.ip, n.mac) for n in self.nodes}
         self.consoles = {n.name: ConsoleLog(Path(n.console_log)) for n in self.nodes if n.console_log}
         self.known_hosts_dir = site.state_dir / "known_hosts"
+        self.boot_hosts = site_hosts(site, self.nodes)  # MAC/IP to node name for the boot logs
         self.events: list[str] = []
         self._backend: Any = None
         self._lock = threading.RLock()
@@ -220,15 +221,7 @@ class NodeBoot:
             self.backend.serve()
             self._note("boot server: " + ", ".join(f"{k} {v}" for k, v in synced["images"].items()))
             return
-        hosts = []
-        for n in self.site.nodes:
-            host = BootHost.from_node(n, network=self.site.network, default_image=self.site.default_image)
-            if image_for and n.name in image_for:
-                from dataclasses import replace
-
-                host = replace(host, image=image_for[n.name])
-            hosts.append(host)
-        plan = sync_hosts(self.backend, hosts)
+        plan = sync_hosts(self.backend, site_hosts(self.site, image_for=image_for))
         self.backend.set_provision([n.name for n in self.nodes], True)
         self._note(f"{self.backend.describe()}: {len(plan.to_write)} hosts written")
 
@@ -265,10 +258,7 @@ class NodeBoot:
         read = getattr(self.backend, "boot_events", None)
         if read is None:
             return []
-        hosts = [
-            BootHost.from_node(n, network=self.site.network, default_image=self.site.default_image) for n in self.nodes
-        ]
-        events: list[BootEvent] = read(hosts)
+        events: list[BootEvent] = read(self.boot_hosts)
         since = self._wall0.replace(microsecond=0)
         return [e for e in events if e.time >= since]
 

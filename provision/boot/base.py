@@ -408,6 +408,32 @@ def get_backend(name: str, config: Mapping[str, Any]) -> BootBackend:
     return cls.from_config(config)
 
 
+def site_hosts(
+    site: Any,
+    nodes: Iterable[Any] | None = None,
+    *,
+    image_for: Mapping[str, str] | None = None,
+    provision: Mapping[str, bool] | None = None,
+) -> list[BootHost]:
+    """``BootHost`` records of the site's nodes (or ``nodes``).
+
+    ``image_for``: another image for some nodes, by name; ``provision``: the
+    provision flag by lower-case name (default True).
+    """
+    hosts = []
+    for node in site.nodes if nodes is None else nodes:
+        host = BootHost.from_node(
+            node,
+            network=site.network,
+            default_image=site.default_image,
+            provision=(provision or {}).get(node.name.lower(), True),
+        )
+        if image_for and node.name in image_for:
+            host = replace(host, image=image_for[node.name])
+        hosts.append(host)
+    return hosts
+
+
 def backend_config(site: Any) -> dict[str, Any]:
     """The ``config`` mapping for ``get_backend`` from a loaded ``Site``."""
     config = dict(site.group_vars)

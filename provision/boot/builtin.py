@@ -34,7 +34,6 @@ nodes boot the *active* version, which changes only through ``activate``
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import getpass
 import hashlib
@@ -63,6 +62,7 @@ from provision.boot.base import (
     check_image_name,
     config_flag,
     normalize_mac,
+    site_hosts,
     sync_hosts,
 )
 from provision.boot.events import BootEvent, read_events
@@ -1129,17 +1129,7 @@ def sync_site(
     """
     site.require_valid(site.nodes)
     known = {h.name: h for h in backend.list_hosts()}
-    hosts = []
-    for n in site.nodes:
-        host = BootHost.from_node(
-            n,
-            network=site.network,
-            default_image=site.default_image,
-            provision=known[n.name.lower()].provision if n.name.lower() in known else True,
-        )
-        if image_for and n.name in image_for:
-            host = dataclasses.replace(host, image=image_for[n.name])
-        hosts.append(host)
+    hosts = site_hosts(site, image_for=image_for, provision={name: h.provision for name, h in known.items()})
     plan = sync_hosts(backend, hosts)
     gone = backend.remove_hosts(sorted(set(known) - {h.name for h in hosts}))
     store = backend.config.image_store

@@ -12,10 +12,10 @@ from rich.live import Live
 from rich.table import Table
 
 from provision.cli.context import AppContext, emit_json, pass_app
-from provision.cli.node import Duration, _confirm, _report, bmc_fanout_options
+from provision.cli.node import Duration, _confirm, _options, _report, bmc_fanout_options
 from provision.cli.options import assume_yes, get_selection, json_output, selection
 from provision.errors import ProvisionError
-from provision.fanout import FanoutOptions, Outcome, Result
+from provision.fanout import Outcome, Result
 
 
 def _progress_table(rows: Sequence[Any], started: float) -> Table:
@@ -73,17 +73,6 @@ def report(rows: Sequence[Any], as_json: bool, extra: dict[str, Any] | None = No
         raise click.exceptions.Exit(1)
 
 
-def _settings_fanout(count: int, settings: dict[str, Any]) -> FanoutOptions:
-    from provision.bmc import fanout_options as bmc_fanout_options
-
-    fan = {k: settings[k] for k in ("fanout", "batch", "batch_wait", "retries") if settings.get(k) is not None}
-    if settings.get("processes"):
-        fan["processes"] = settings["processes"]
-    if settings.get("bmc_timeout"):
-        fan["timeout"] = settings["bmc_timeout"]
-    return bmc_fanout_options(count, **fan)
-
-
 @click.command("boot")
 @selection
 @click.option("--image", metavar="NAME", help="Boot this image instead of the inventory's (until the next sync).")
@@ -133,7 +122,7 @@ def boot(
         timeout=boot_timeout,
         join=do_join,
         join_timeout=int(join_timeout) if join_timeout else None,
-        fanout=_settings_fanout(len(nodes), settings),
+        fanout=_options(len(nodes), timeout=settings.pop("bmc_timeout"), **settings),
     )
     _confirm("power-cycle and network-boot", nodes, yes)
     started = time.monotonic()

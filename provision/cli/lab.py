@@ -25,19 +25,24 @@ state_dir_option = click.option(
 )
 
 
+def _lab_site(rack: Rack) -> inventory.Site:
+    """The rack's generated inventory, with its vault password file."""
+    return inventory.load(rack.inventory, vault_password_file=str(rack.vault_password_file))
+
+
 def _boot_stop(rack: Rack) -> list[str]:
     from provision.cli.boot_server import builtin_backend
 
     if not (rack.inventory / "hosts.yml").exists():
         return []
-    site = inventory.load(rack.inventory, vault_password_file=str(rack.vault_password_file))
+    site = _lab_site(rack)
     return builtin_backend(site).stop()
 
 
 def _boot_serve(rack: Rack) -> dict[str, Any]:
     from provision.cli.boot_server import builtin_backend, sync_site
 
-    site = inventory.load(rack.inventory, vault_password_file=str(rack.vault_password_file))
+    site = _lab_site(rack)
     backend = builtin_backend(site)
     synced = sync_site(site, backend, activate=True)
     statuses = backend.serve()
@@ -149,7 +154,7 @@ def status(state_dir: Path, as_json: bool) -> None:
     if info["up"] and (the_rack.inventory / "hosts.yml").exists():
         from provision.cli.boot_server import builtin_backend
 
-        site = inventory.load(the_rack.inventory, vault_password_file=str(the_rack.vault_password_file))
+        site = _lab_site(the_rack)
         info["boot"] = {"services": {s.service: s.pid for s in builtin_backend(site).status()}}
     if as_json:
         emit_json(info)
