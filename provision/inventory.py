@@ -10,7 +10,6 @@ be Jinja templates, rendered by Ansible's templar. The result is a frozen
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -23,12 +22,11 @@ from ClusterShell.NodeSet import NodeSet, NodeSetParseError
 
 from provision.catalog import known_images
 from provision.errors import InventoryError, ValidationError
+from provision.names import HOST_RULE, host_name_problem
+from provision.settings import SiteSettings
 
 RACK_PREFIX = "rack_"
 DEFAULT_PASSWORD_ENV = "PROVISION_BMC_PASSWORD"
-# RFC 952 as relaxed by RFC 1123: letters, digits, hyphens; no leading or
-# trailing hyphen; labels up to 63 characters.
-_HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
 class BmcProtocol(StrEnum):
@@ -123,12 +121,21 @@ class Rack:
 class Site:
     path: Path
     racks: tuple[Rack, ...]
-    network: str | None
-    default_image: str | None
-    state_dir: Path
+    settings: SiteSettings
     images: frozenset[str]
     problems: tuple[Problem, ...] = ()
-    group_vars: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def network(self) -> str | None:
+        return self.settings.network
+
+    @property
+    def default_image(self) -> str | None:
+        return self.settings.default_image
+
+    @property
+    def state_dir(self) -> Path:
+        return self.settings.state_dir
 
     @property
     def nodes(self) -> tuple[Node, ...]:
@@ -308,21 +315,10 @@ def load(path: str | os.PathLike[str], *, vault_password_file: str | None = None
     def render(templar: Any, value: Any) -> Any:
         return templar.template(value) if isinstance(value, str) else value
 
-    try:
-        network = render(site_vars, all_vars.get("provision_network"))
-        default_image = render(site_vars, all_vars.get("provision_default_image"))
-        state_dir_raw = os.environ.get("PROVISION_STATE_DIR") or render(site_vars, all_vars.get("provision_state_dir"))
-        image_dir_raw = render(site_vars, all_vars.get("provision_images_dir"))
-    except AnsibleError as exc:
-        raise InventoryError(f"{site_path}: group_vars: {_first_line(exc)}", hint="fix the template") from exc
-
-    state_dir = Path(state_dir_raw) if state_dir_raw else base_dir / ".state"
-    if not state_dir.is_absolute():
-        state_dir = (base_dir / state_dir).resolve()
-    images_dir = Path(image_dir_raw) if image_dir_raw else None
-    if images_dir is not None and not images_dir.is_absolute():
-        images_dir = (base_dir / images_dir).resolve()
-    images = known_images(images_dir)
+    site_rendered = _render_site_vars(site_vars, group_vars)
+    settings = SiteSettings.from_vars(site_rendered, base_dir)
+    network, default_image = settings.network, settings.default_image
+    images = known_images(settings.images_dir)
 
     rack_of: dict[str, list[str]] = {}
     racks: dict[str, list[Node]] = {}
@@ -339,12 +335,9 @@ def load(path: str | os.PathLike[str], *, vault_password_file: str | None = None
     return Site(
         path=site_path,
         racks=tuple(Rack(r, tuple(ns)) for r, ns in racks.items()),
-        network=str(network) if network else None,
-        default_image=str(default_image) if default_image else None,
-        state_dir=state_dir,
+        settings=settings,
         images=images,
         problems=tuple(problems),
-        group_vars=_render_site_vars(site_vars, group_vars),
     )
 
 
@@ -390,15 +383,9 @@ def _make_node(
             problems.append(Problem(name, key, f"template failed: {_first_line(exc)}", "fix the Jinja expression"))
             return None
 
-    if not all(_HOSTNAME_LABEL.match(label) for label in name.split(".")) or name[0].isdigit():
-        problems.append(
-            Problem(
-                name,
-                "hostname",
-                f"{name!r} is not a valid DHCP/DNS host name (RFC 952)",
-                "use letters, digits and inner hyphens only, starting with a letter",
-            )
-        )
+    name_problem = host_name_problem(name)
+    if name_problem:
+        problems.append(Problem(name, "hostname", name_problem, HOST_RULE))
 
     mac_raw = get("provision_mac")
     mac = str(mac_raw or "")

@@ -7,6 +7,7 @@ CommandError once. Secrets go through ``env`` or ``input``, never argv.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -96,3 +97,33 @@ def spawn(
             )
         except FileNotFoundError as exc:
             raise CommandError(f"{args[0]}: command not found", hint="see README for the Debian packages") from exc
+
+
+# -- small process helpers, one each ------------------------------------------
+
+NETNS_DIR = Path("/run/netns")
+
+
+def netns_argv(netns: str | None, argv: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """``argv`` run inside network namespace ``netns`` (as is when None)."""
+    args = [os.fspath(a) for a in argv]
+    return ["ip", "netns", "exec", netns, *args] if netns else args
+
+
+def netns_exists(netns: str) -> bool:
+    return (NETNS_DIR / netns).exists()
+
+
+def pid_alive(pid: int | None) -> bool:
+    """True for a live process; a zombie is gone (and reaped when it is our child)."""
+    if not pid or pid <= 0:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text(errors="replace").rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    if state in ("Z", "X"):
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+        return False
+    return True

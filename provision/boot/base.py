@@ -13,7 +13,6 @@ returned (MAC case and separators, bare vs. CIDR addresses, tag order).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import netaddr
 
 from provision.errors import BootError
+from provision.names import HOST_RULE, IMAGE_RULE, host_name_problem, is_image_name
 
 
 def config_flag(config: Mapping[str, Any], key: str, default: bool) -> bool:
@@ -39,10 +39,6 @@ def config_flag(config: Mapping[str, Any], key: str, default: bool) -> bool:
 
 if TYPE_CHECKING:
     from provision.inventory import Node
-
-# RFC 952 host names as Grendel validates them (and DNS wants them).
-_NAME = re.compile(r"^[a-z]([a-z0-9-]*[a-z0-9])?$")
-_IMAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 
 class BackendName(StrEnum):
@@ -89,24 +85,17 @@ def address_of(cidr: str) -> str:
 
 
 def check_host_name(name: str) -> str:
-    """Lower-case and check a node name against RFC 952 (what Grendel accepts)."""
-    lowered = str(name).strip().lower()
-    if not _NAME.match(lowered) or len(lowered) > 63:
-        raise BootError(
-            f"host name {name!r} is not a valid host name (RFC 952)",
-            hint="use letters, digits and '-', starting with a letter (e.g. cn01)",
-        )
-    return lowered
+    """Lower-case and check a node name (``provision.names``: the inventory's rule too)."""
+    problem = host_name_problem(name)
+    if problem:
+        raise BootError(f"host name {problem}", hint=HOST_RULE)
+    return str(name).strip().lower()
 
 
 def check_image_name(name: str) -> str:
-    lowered = str(name).strip().lower()
-    if not _IMAGE_NAME.match(lowered):
-        raise BootError(
-            f"image name {name!r} is not valid",
-            hint="use lower-case letters, digits, '.', '_' and '-' (e.g. compute-rocky9)",
-        )
-    return lowered
+    if not is_image_name(name):
+        raise BootError(f"image name {name!r} is not valid", hint=IMAGE_RULE)
+    return str(name).strip().lower()
 
 
 @dataclass(frozen=True)
@@ -436,10 +425,7 @@ def site_hosts(
 
 def backend_config(site: Any) -> dict[str, Any]:
     """The ``config`` mapping for ``get_backend`` from a loaded ``Site``."""
-    config = dict(site.group_vars)
-    config["provision_state_dir"] = str(site.state_dir)
-    config["provision_network"] = site.network
-    config["provision_default_image"] = site.default_image
+    config: dict[str, Any] = site.settings.backend_vars()
     return config
 
 

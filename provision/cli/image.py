@@ -44,8 +44,7 @@ def _store(app: AppContext, store: Path | None) -> ImageStore:
             f"no inventory at {app.inventory_path} and no --store",
             hint="pass -i INVENTORY (its provision_state_dir holds images/) or --store DIR",
         )
-    configured = site.group_vars.get("provision_image_store")
-    return ImageStore(Path(str(configured)).resolve() if configured else site.state_dir / "images")
+    return ImageStore(site.settings.image_store)
 
 
 def _definition(app: AppContext, name: str | None) -> image_definition.ImageDefinition:
@@ -57,16 +56,9 @@ def _definition(app: AppContext, name: str | None) -> image_definition.ImageDefi
                 hint="run `provision image build NAME` or set provision_default_image in group_vars/all",
             )
         name = site.default_image
-    images_dir = None
-    if site is not None and site.group_vars.get("provision_images_dir"):
-        raw = Path(str(site.group_vars["provision_images_dir"]))
-        images_dir = raw if raw.is_absolute() else (site.path if site.path.is_dir() else site.path.parent) / raw
-    loaded = image_definition.load(name, site_images_dir=images_dir)
-    mirrors = site.group_vars.get("provision_mirrors") if site is not None else None
-    if mirrors:
-        if not isinstance(mirrors, dict):
-            raise ImageError("provision_mirrors must be a mapping name: URL", hint="fix group_vars/all")
-        loaded = loaded.with_mirrors({str(k): str(v) for k, v in mirrors.items()})
+    loaded = image_definition.load(name, site_images_dir=site.settings.images_dir if site is not None else None)
+    if site is not None and site.settings.mirrors:
+        loaded = loaded.with_mirrors(dict(site.settings.mirrors))
     return loaded
 
 
