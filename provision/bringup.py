@@ -4,8 +4,9 @@
 
 1. check: the selection is valid and its image is published (in the image
    store or already in the boot backend). Nothing has changed when this fails;
-2. sync the hosts and the image to the boot backend (the built-in one also
-   starts or reloads its services);
+2. prepare the boot backend for the selection (``BootBackend.prepare``: its
+   hosts and image; the built-in backend also starts or reloads its services)
+   and set the nodes to network-boot;
 3. per node: forget the last boot's pinned host key, boot from PXE next,
    power-cycle (a node that is off is powered on), through the BMC fan-out;
 4. follow each node: DHCP lease, its iPXE script, kernel, initrd, root
@@ -23,7 +24,6 @@ Every stage's time is in seconds since the power command was sent.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,11 +34,12 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from provision.boot.base import BackendName, backend_config, get_backend, site_hosts, sync_hosts
+from provision.boot.base import BootBackend, backend_for, site_hosts
 from provision.boot.events import BootEvent, Client, Phase
 from provision.console import ConsoleLog
 from provision.errors import BootError, ProvisionError
-from provision.fanout import FanoutOptions
+from provision.fanout import FanoutOptions, Outcome
+from provision.files import write_atomic
 from provision.inventory import Node, Site
 from provision.probe import ssh_answers
 
@@ -141,21 +142,20 @@ class NodeBoot:
         *,
         vault_password_file: str | None = None,
         on_update: Update | None = None,
+        backend: BootBackend | None = None,
     ) -> None:
         self.site = site
         self.nodes = tuple(nodes)
         self.settings = settings or BootSettings()
         self.vault_password_file = vault_password_file
         self.on_update = on_update
-        self.config = backend_config(site)
-        self.backend_name = str(self.config.get("provision_boot_backend") or BackendName.BUILTIN).lower()
-        self.netns = self.config.get("provision_boot_netns") or None
+        netns = site.settings.get("provision_boot_netns")
+        self.netns = str(netns) if netns else None
         self.progress = {n.name: NodeProgress(n.name, n.ip, n.mac) for n in self.nodes}
         self.consoles = {n.name: ConsoleLog(Path(n.console_log)) for n in self.nodes if n.console_log}
-        self.known_hosts_dir = site.state_dir / "known_hosts"
+        self.known_hosts_dir = site.settings.known_hosts_dir
         self.boot_hosts = site_hosts(site, self.nodes)  # MAC/IP to node name for the boot logs
-        self.events: list[str] = []
-        self._backend: Any = None
+        self._backend: BootBackend | None = backend
         self._lock = threading.RLock()
         self._t0 = 0.0
         self._wall0 = datetime.now(UTC)
@@ -166,7 +166,6 @@ class NodeBoot:
 
     def _note(self, text: str) -> None:
         with self._lock:  # the join runs in other threads
-            self.events.append(text)
             if self.on_update is not None:
                 self.on_update(text, list(self.progress.values()))
 
@@ -174,10 +173,16 @@ class NodeBoot:
         return self.settings.image or node.image or self.site.default_image
 
     @property
-    def backend(self) -> Any:
+    def backend(self) -> BootBackend:
         if self._backend is None:
-            self._backend = get_backend(self.backend_name, self.config)
+            self._backend = backend_for(self.site)
         return self._backend
+
+    def start_clock(self) -> datetime:
+        """Stage times count from now (the power command); returns the wall-clock time."""
+        self._t0 = time.monotonic()
+        self._wall0 = datetime.now(UTC)
+        return self._wall0
 
     # -- 1. check -------------------------------------------------------------
     def check(self) -> None:
@@ -192,38 +197,20 @@ class NodeBoot:
         if not images:
             raise BootError("no image to boot", hint="set provision_image or provision_default_image, or pass --image")
         for name in images:
-            if not self._published(name):
+            if not self.backend.is_published(name):
                 raise BootError(
-                    f"image {name} is not published to the {self.backend_name} boot backend",
-                    hint=f"build it (provision image build {name})"
-                    + (
-                        f" and publish it (provision image publish {name} --to grendel)"
-                        if self.backend_name != "builtin"
-                        else ""
-                    ),
+                    f"image {name} is not published to the {self.backend.name} boot backend",
+                    hint=f"build it (provision image build {name}) and publish it (provision image publish {name})",
                 )
-
-    def _published(self, name: str) -> bool:
-        if self.backend_name == BackendName.BUILTIN:
-            store = self.backend.config.image_store
-            if store is not None and (Path(store) / name / "current").exists():
-                return True
-            return bool(self.backend.versions(name)[1])
-        return self.backend.get_image(name) is not None
 
     # -- 2. sync ---------------------------------------------------------------
     def sync(self) -> None:
+        """Prepare the backend for the selection (hosts, image, services) and set the nodes to network-boot."""
         image_for = {n.name: self.settings.image for n in self.nodes} if self.settings.image else None
-        if self.backend_name == BackendName.BUILTIN:
-            from provision.boot.builtin import sync_site
-
-            synced = sync_site(self.site, self.backend, activate=True, image_for=image_for)
-            self.backend.serve()
-            self._note("boot server: " + ", ".join(f"{k} {v}" for k, v in synced["images"].items()))
-            return
-        plan = sync_hosts(self.backend, site_hosts(self.site, image_for=image_for))
+        prepared = self.backend.prepare(self.site, self.nodes, image_for=image_for, activate=True)
         self.backend.set_provision([n.name for n in self.nodes], True)
-        self._note(f"{self.backend.describe()}: {len(plan.to_write)} hosts written")
+        images = ", ".join(f"{k} {v}" for k, v in prepared.images.items())
+        self._note(f"boot backend: {len(prepared.hosts_written)} hosts written; {images}")
 
     # -- 3. power ----------------------------------------------------------------
     def power(self) -> None:
@@ -235,14 +222,13 @@ class NodeBoot:
         for console in self.consoles.values():
             console.mark()
         opts = self.settings.fanout or fanout_options(len(self.nodes))
-        self._t0 = time.monotonic()
-        self._wall0 = datetime.now(UTC)
+        self.start_clock()
         for outcome in bootdev_nodes(self.nodes, BootDevice.PXE, options=opts):
             if not outcome.ok:
                 self.progress[outcome.node].fail(f"BMC: {outcome.error}", outcome.hint or "")
         ready = [n for n in self.nodes if not self.progress[n.name].failed]
 
-        def powered(outcome: Any) -> None:
+        def powered(outcome: Outcome) -> None:
             progress = self.progress[outcome.node]
             if outcome.ok:
                 progress.reach(Stage.POWER, self._elapsed())
@@ -255,10 +241,7 @@ class NodeBoot:
 
     # -- 4. follow ---------------------------------------------------------------
     def _backend_events(self) -> list[BootEvent]:
-        read = getattr(self.backend, "boot_events", None)
-        if read is None:
-            return []
-        events: list[BootEvent] = read(self.boot_hosts)
+        events = self.backend.boot_events(self.boot_hosts)
         since = self._wall0.replace(microsecond=0)
         return [e for e in events if e.time >= since]
 
@@ -283,10 +266,7 @@ class NodeBoot:
                 continue
             keys = console.host_keys()
             if keys:
-                path = self.known_hosts_dir / name
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text("".join(k.known_hosts_line(name) + "\n" for k in keys))
-                os.replace(tmp, path)
+                write_atomic(self.known_hosts_dir / name, "".join(k.known_hosts_line(name) + "\n" for k in keys))
                 progress.host_key = True
                 self._note(f"{name}: host key pinned ({', '.join(k.type for k in keys)})")
 
@@ -393,6 +373,7 @@ class NodeBoot:
     # -- 5. join -----------------------------------------------------------------
     def join(self, names: Sequence[str]) -> None:
         """playbooks/join.yml on ``names`` (nodes that are up); results land in their progress."""
+        from provision.ansible import EventKind, TaskEvent
         from provision.join import join_nodes
 
         up = [n for n in names if self.progress[n].up]
@@ -401,8 +382,8 @@ class NodeBoot:
         self._note(f"joining {len(up)} node(s): {', '.join(up)}")
         started = self._elapsed()
 
-        def on_event(event: Any) -> None:
-            if str(event.kind) == "task":
+        def on_event(event: TaskEvent) -> None:
+            if event.kind is EventKind.TASK:
                 self._note(f"join: {event.role + ' : ' if event.role else ''}{event.task}")
 
         try:

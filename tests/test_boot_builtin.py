@@ -20,14 +20,15 @@ from typing import Any
 
 import pytest
 import yaml
-from click.testing import CliRunner
+from conftest import run_provision
+from grendel_fake import FakeGrendel
 
 from provision import inventory
-from provision.boot.base import BootBackend, BootHost, BootImage, get_backend
+from provision.boot.base import BootBackend, BootHost, BootImage, Prepared, backend_for, get_backend
 from provision.boot.builtin import BuiltinBackend, BuiltinConfig, Service, mac_file_name
-from provision.cli.boot_server import builtin_backend, sync_site
-from provision.cli.main import cli
+from provision.bringup import NodeBoot
 from provision.errors import BootError, ValidationError
+from provision.inventory import Site
 from provision.netns import Netns
 
 IMAGE = "base-debian12"  # an image defined under images/, so the inventory accepts it
@@ -92,8 +93,19 @@ def site_path(tmp_path: Path, store: Path) -> Path:
     return make_inventory(tmp_path, store=store)
 
 
+def builtin_backend(site: Site) -> BuiltinBackend:
+    backend = backend_for(site)
+    assert isinstance(backend, BuiltinBackend)
+    return backend
+
+
 def backend_of(site_path: Path) -> BuiltinBackend:
     return builtin_backend(inventory.load(site_path))
+
+
+def sync_site(site: Site, backend: BuiltinBackend, *, activate: bool) -> Prepared:
+    """The backend's prepare without starting services: every node of the site."""
+    return backend.sync(site, site.nodes, activate=activate)
 
 
 def node_script(backend: BuiltinBackend, name: str) -> str:
@@ -108,8 +120,8 @@ def test_static_mode_renders_leases_scripts_and_links(site_path: Path, store: Pa
     site = inventory.load(site_path)
     backend = builtin_backend(site)
     result = sync_site(site, backend, activate=False)
-    assert result["hosts_written"] == ["node01", "node02"]
-    assert result["images"] == {IMAGE: f"{V2} (active)"}  # the first version seen is active at once
+    assert result.hosts_written == ("node01", "node02")
+    assert result.images == {IMAGE: f"{V2} (active)"}  # the first version seen is active at once
 
     hosts_file = (backend.conf_dir / "dnsmasq.hosts").read_text().splitlines()
     assert hosts_file == [f"{MACS['node01']},10.99.0.11,node01", f"{MACS['node02']},10.99.0.12,node02"]
@@ -218,6 +230,46 @@ def test_invalid_inventory_writes_nothing(tmp_path: Path, store: Path) -> None:
     assert not (tmp_path / "state" / "boot" / "registry.json").exists()
 
 
+def add_broken_rack(site_path: Path) -> None:
+    """Rack r2 with node03, whose MAC is not a MAC: the inventory is invalid there only."""
+    hosts = yaml.safe_load((site_path / "hosts.yml").read_text())
+    hosts["all"]["children"]["rack_r2"] = {"hosts": {"node03": None}}
+    (site_path / "hosts.yml").write_text(yaml.safe_dump(hosts))
+    host_vars = {
+        "provision_mac": "52:54:00:zz:00:13",
+        "provision_ip": "10.99.0.13",
+        "provision_bmc_address": "127.0.0.13",
+    }
+    (site_path / "host_vars" / "node03.yml").write_text(yaml.safe_dump(host_vars))
+
+
+def test_a_broken_node_in_another_rack_does_not_block_this_one(site_path: Path) -> None:
+    add_broken_rack(site_path)
+    site = inventory.load(site_path)
+    assert [p.node for p in site.problems] == ["node03"]
+    # The CLI path: only rack r1 is checked and written.
+    result = run_provision("-i", site_path, "node", "sync", "--rack", "r1", "--json")
+    assert result.returncode == 0, result.stderr
+    assert [h["name"] for h in json.loads(result.stdout)["hosts"]] == ["node01", "node02"]
+    backend = builtin_backend(site)
+    assert (backend.conf_dir / "dnsmasq.hosts").read_text().splitlines() == [
+        f"{MACS['node01']},10.99.0.11,node01",
+        f"{MACS['node02']},10.99.0.12,node02",
+    ]
+    # node boot --rack r1: its checks pass, and the backend's sync for r1 writes r1 only.
+    r1 = site.select(rack="r1")
+    NodeBoot(site, r1).check()
+    synced = backend.sync(site, r1, activate=True)
+    assert synced.images == {IMAGE: f"{V2} (active)"}
+    assert f"/images/{IMAGE}/{V2}/vmlinuz" in node_script(backend, "node01")
+    assert [h.name for h in backend.list_hosts()] == ["node01", "node02"]
+    # The whole site, or rack r2, is still refused, naming the broken node.
+    for nodes in (site.nodes, site.select(rack="r2")):
+        with pytest.raises(ValidationError) as info:
+            backend.sync(site, nodes, activate=True)
+        assert [p.node for p in info.value.problems] == ["node03"]
+
+
 def test_versions_activate_and_roll_back(site_path: Path, store: Path) -> None:
     backend = backend_of(site_path)
     sync_site(inventory.load(site_path), backend, activate=False)
@@ -239,10 +291,10 @@ def test_versions_activate_and_roll_back(site_path: Path, store: Path) -> None:
     (store / IMAGE / "current").unlink()
     (store / IMAGE / "current").symlink_to(v3)
     result = sync_site(inventory.load(site_path), backend, activate=False)
-    assert result["images"] == {IMAGE: f"{v3} (servable; active {V1})"}
+    assert result.images == {IMAGE: f"{v3} (servable; active {V1})"}
     assert f"/images/{IMAGE}/{V1}/" in node_script(backend, "node01")
     result = sync_site(inventory.load(site_path), backend, activate=True)
-    assert result["images"] == {IMAGE: f"{v3} (active)"}
+    assert result.images == {IMAGE: f"{v3} (active)"}
     assert f"/images/{IMAGE}/{v3}/" in node_script(backend, "node01")
 
     with pytest.raises(BootError, match="is not registered"):
@@ -308,11 +360,26 @@ def test_boot_backend_interface(tmp_path: Path, store: Path) -> None:
         again.ping()
 
 
-def test_cli_refuses_another_backend(tmp_path: Path, store: Path) -> None:
-    site_path = make_inventory(tmp_path, store=store, extra={"provision_boot_backend": "grendel"})
-    result = CliRunner().invoke(cli, ["-i", str(site_path), "boot", "status"])
-    assert result.exit_code != 0 and isinstance(result.exception, BootError)
-    assert "provision_boot_backend is 'grendel'" in str(result.exception)
+def test_boot_commands_drive_the_sites_backend_whichever_it_is(tmp_path: Path, store: Path) -> None:
+    """`provision boot` goes through BootBackend: with Grendel, serve syncs and checks it, stop has nothing to stop."""
+    with FakeGrendel("classic") as fake:
+        site_path = make_inventory(tmp_path, store=store,
+                                   extra={"provision_boot_backend": "grendel", "provision_grendel_url": fake.url})  # fmt: skip
+        pushed = run_provision("-i", site_path, "grendel", "push-images", "--all")
+        assert pushed.returncode == 0 and f"registered 1 images at {fake.url}: {IMAGE}" in pushed.stdout, pushed.stderr
+        served = run_provision("-i", site_path, "boot", "serve", "--json")
+        assert served.returncode == 0, served.stderr
+        report = json.loads(served.stdout)
+        assert report["backend"] == "grendel" and report["services"][0]["running"] is True
+        assert report["sync"]["hosts_written"] == ["node01", "node02"]
+        assert report["sync"]["images"] == {IMAGE: "registered"}
+        assert sorted(fake.hosts) == ["node01", "node02"]
+        stopped = run_provision("-i", site_path, "boot", "stop")
+        assert stopped.returncode == 0 and "nothing was running" in stopped.stdout
+        events = run_provision("-i", site_path, "boot", "events", "--json")
+        assert events.returncode == 0 and json.loads(events.stdout) == {}
+    assert fake.violations == []
+    assert not (tmp_path / "state" / "boot").exists()  # nothing of the built-in backend was made
 
 
 # --------------------------------------------------------------------------
@@ -397,7 +464,7 @@ def test_serve_and_stop_are_idempotent_in_a_netns(tmp_path: Path, store: Path, n
 
         again = provision_cli(site_path, "boot", "serve")  # idempotent: same processes
         assert again.returncode == 0, again.stderr
-        assert {s.service.value: s.pid for s in backend.status()} == pids
+        assert {str(s.service): s.pid for s in backend.status()} == pids
 
         # HTTP and TFTP answer inside the namespace.
         assert in_ns(netns, "curl", "-fsS", "http://10.99.0.1/boot.ipxe").stdout.startswith("#!ipxe")
@@ -434,7 +501,7 @@ def test_serve_and_stop_are_idempotent_in_a_netns(tmp_path: Path, store: Path, n
                        nodes={**MACS, "node03": "52:54:00:99:00:13"})  # fmt: skip
         third = provision_cli(site_path, "boot", "serve")
         assert third.returncode == 0, third.stderr
-        assert {s.service.value: s.pid for s in backend.status()} == pids
+        assert {str(s.service): s.pid for s in backend.status()} == pids
         assert "node03" in (backend.conf_dir / "dnsmasq.hosts").read_text()
 
         stopped = provision_cli(site_path, "boot", "stop")

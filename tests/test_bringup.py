@@ -13,7 +13,8 @@ import subprocess
 import threading
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from conftest import requires, run_provision
 from test_boot_builtin import MACS, make_inventory, make_store
 
 from provision import bringup, inventory
+from provision.boot.base import BootHost
+from provision.boot.builtin import BuiltinBackend, BuiltinConfig
 from provision.boot.events import BootEvent, Client, Phase
 from provision.bringup import BootSettings, NodeBoot, Stage
 from provision.console import ConsoleLog
@@ -146,30 +149,29 @@ def test_bad_boot_requests_change_nothing(tmp_path: Path, args: list[str], messa
 # -- following a boot -------------------------------------------------------------------
 
 
-class _EventsBackend:
-    """The built-in backend's boot_events edge, fed by the test."""
+class _EventsBackend(BuiltinBackend):
+    """The built-in backend with its log-reading edge (boot_events) fed by the test."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: BuiltinConfig) -> None:
+        super().__init__(config)
         self.events: list[BootEvent] = []
 
-    def boot_events(self, hosts: Any = ()) -> list[BootEvent]:
+    def boot_events(self, hosts: Sequence[BootHost] = ()) -> list[BootEvent]:
         return list(self.events)
 
 
-def _booting(tmp_path: Path, timeout: float) -> tuple[NodeBoot, _EventsBackend]:
+def _booting(tmp_path: Path, timeout: float) -> tuple[NodeBoot, _EventsBackend, datetime]:
     site = inventory.load(make_inventory(tmp_path, store=make_store(tmp_path / "store")))
-    run = NodeBoot(site, site.nodes, BootSettings(timeout=timeout, poll=0.05))
-    fake = _EventsBackend()
-    run._backend = fake
-    run._t0 = time.monotonic()
-    run._wall0 = datetime.now(UTC)
+    fake = _EventsBackend(BuiltinConfig.from_vars(site.settings.backend_vars()))
+    run = NodeBoot(site, site.nodes, BootSettings(timeout=timeout, poll=0.05), backend=fake)
+    powered_at = run.start_clock()
     for progress in run.progress.values():
         progress.reach(Stage.POWER, 0.4)
-    return run, fake
+    return run, fake, powered_at
 
 
 def test_follow_turns_log_events_into_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    run, fake = _booting(tmp_path, timeout=5.0)
+    run, fake, powered_at = _booting(tmp_path, timeout=5.0)
     probed: list[str] = []
 
     def fake_probe(host: str, port: int = 22, **_: Any) -> bool:
@@ -177,7 +179,7 @@ def test_follow_turns_log_events_into_stages(tmp_path: Path, monkeypatch: pytest
         return True
 
     monkeypatch.setattr(bringup, "ssh_answers", fake_probe)
-    t = run._wall0 + timedelta(seconds=1)
+    t = powered_at + timedelta(seconds=1)
     ev = [
         (Phase.DHCP_DISCOVER, Client.PXE, 0),
         (Phase.DHCP_ACK, Client.PXE, 1),

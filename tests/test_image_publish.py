@@ -11,7 +11,7 @@ from grendel_fake import FakeGrendel
 from test_image_store import publish as store_publish
 
 from provision import inventory
-from provision.boot import backend_config, get_backend
+from provision.boot import backend_for
 from provision.boot.builtin import BuiltinBackend
 from provision.image.store import ImageStore
 
@@ -52,7 +52,7 @@ def test_builtin_publish_activates_only_when_asked(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stderr
     assert "servable, not active" in second.stdout
 
-    backend = get_backend("builtin", backend_config(inventory.load(site_dir)))
+    backend = backend_for(inventory.load(site_dir))
     assert isinstance(backend, BuiltinBackend)
     versions, active = backend.versions(NAME)
     assert sorted(v.version for v in versions) == ["20260101-000000", "20260202-000000"]

@@ -1,7 +1,7 @@
-"""Boot backends: the interface (``base``) and one module per backend.
+"""Boot backends: the interface (``base``) and one module or package per backend.
 
-``get_backend(name, config)`` builds a backend; ``backend_for_site(site)``
-builds the one the inventory chooses with ``provision_boot_backend``.
+``backend_for(site)`` builds the backend the site chose
+(``provision_boot_backend``); callers use only ``BootBackend``'s methods.
 """
 
 from __future__ import annotations
@@ -13,16 +13,19 @@ from provision.boot.base import (
     BootImage,
     Change,
     HostChange,
+    Prepared,
+    Published,
+    ServiceStatus,
     SyncPlan,
     address_of,
-    backend_config,
-    backend_for_site,
+    backend_for,
     check_host_name,
     check_image_name,
     get_backend,
     normalize_cidr,
     normalize_mac,
     plan_sync,
+    site_hosts,
     sync_hosts,
 )
 
@@ -33,15 +36,18 @@ __all__ = [
     "BootImage",
     "Change",
     "HostChange",
+    "Prepared",
+    "Published",
+    "ServiceStatus",
     "SyncPlan",
     "address_of",
-    "backend_config",
-    "backend_for_site",
+    "backend_for",
     "check_host_name",
     "check_image_name",
     "get_backend",
     "normalize_cidr",
     "normalize_mac",
     "plan_sync",
+    "site_hosts",
     "sync_hosts",
 ]

@@ -2,9 +2,10 @@
 
 A boot backend knows, for each node, its MACs and addresses, the image it
 boots and whether it may (re)provision now. ``provision`` drives every backend
-through ``BootBackend``; the Grendel backend (``provision.boot.grendel``) talks
-to a Grendel server, the built-in one (``provision.boot.builtin``) runs
-dnsmasq, iPXE and an HTTP server itself.
+through ``BootBackend`` and never asks which one it has; the Grendel backend
+(``provision.boot.grendel``) talks to a Grendel server, the built-in one
+(``provision.boot.builtin``) runs dnsmasq, iPXE and an HTTP server itself.
+``backend_for(site)`` builds the one the site chose.
 
 Values are normalised once, when a ``BootHost``/``BootImage`` is built, so that
 two records describing the same thing compare equal whatever the backend
@@ -38,7 +39,9 @@ def config_flag(config: Mapping[str, Any], key: str, default: bool) -> bool:
 
 
 if TYPE_CHECKING:
-    from provision.inventory import Node
+    from provision.boot.events import BootEvent
+    from provision.image.store import ImageStore, ImageVersion
+    from provision.inventory import Node, Site
 
 
 class BackendName(StrEnum):
@@ -235,6 +238,53 @@ class BootHost:
         }
 
 
+@dataclass(frozen=True)
+class ServiceStatus:
+    """One service a backend runs or talks to (built-in: dnsmasq, nginx; Grendel: its API)."""
+
+    service: str
+    running: bool
+    pid: int | None
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"service": str(self.service), "running": self.running, "pid": self.pid, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What ``BootBackend.prepare`` did: hosts written and removed, each image's state, the services."""
+
+    hosts_written: tuple[str, ...]
+    hosts_removed: tuple[str, ...]
+    images: Mapping[str, str]  # image name -> e.g. "20260101-000000 (active)", "not published"
+    services: tuple[ServiceStatus, ...]
+    where: str  # the boot service's address (URL, socket)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "hosts_written": list(self.hosts_written),
+            "hosts_removed": list(self.hosts_removed),
+            "images": dict(self.images),
+            "services": [s.as_dict() for s in self.services],
+            "where": self.where,
+        }
+
+
+@dataclass(frozen=True)
+class Published:
+    """An image version made bootable by ``BootBackend.publish``."""
+
+    name: str
+    version: str
+    backend: str
+    activated: bool
+    where: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
 @runtime_checkable
 class BootBackend(Protocol):
     """A boot service. Every method raises ``BootError`` (or a subclass) on failure.
@@ -253,6 +303,51 @@ class BootBackend(Protocol):
 
     def ping(self) -> None:
         """Check the service is reachable and usable; raise BootError if not."""
+        ...
+
+    # Serving
+    def prepare(
+        self,
+        site: Site,
+        nodes: Sequence[Node],
+        *,
+        image_for: Mapping[str, str] | None = None,
+        activate: bool = True,
+    ) -> Prepared:
+        """Make ``nodes`` bootable: check them (only them), sync their hosts and images, serve.
+
+        The built-in backend also forgets hosts the inventory no longer has.
+        ``image_for`` boots some nodes (by name) with another image until the
+        next sync; ``activate`` boots the image store's current version (a
+        backend without versions ignores it). The built-in backend starts or
+        reloads its services; Grendel, which runs elsewhere, is checked.
+        """
+        ...
+
+    def serve(self) -> list[ServiceStatus]:
+        """Start (or reload) what the backend runs on this node; idempotent."""
+        ...
+
+    def stop(self) -> list[str]:
+        """Stop what ``serve`` started; returns what was running. Safe twice."""
+        ...
+
+    def status(self) -> list[ServiceStatus]: ...
+
+    def summary(self) -> dict[str, Any]:
+        """Services, hosts and images, as ``provision boot status --json`` prints them (no secret)."""
+        ...
+
+    def publish(self, store: ImageStore, image: ImageVersion, *, activate: bool, dry_run: bool) -> Published:
+        """Make an image-store version bootable (nodes boot it at once unless the backend keeps versions)."""
+        ...
+
+    def is_published(self, name: str) -> bool:
+        """Whether ``prepare`` can give nodes image ``name``."""
+        ...
+
+    def boot_events(self, hosts: Sequence[BootHost] = ()) -> list[BootEvent]:
+        """DHCP/TFTP/HTTP boot phases so far (empty when the backend has no logs here)."""
         ...
 
     # Images
@@ -398,8 +493,8 @@ def get_backend(name: str, config: Mapping[str, Any]) -> BootBackend:
 
 
 def site_hosts(
-    site: Any,
-    nodes: Iterable[Any] | None = None,
+    site: Site,
+    nodes: Iterable[Node] | None = None,
     *,
     image_for: Mapping[str, str] | None = None,
     provision: Mapping[str, bool] | None = None,
@@ -423,13 +518,6 @@ def site_hosts(
     return hosts
 
 
-def backend_config(site: Any) -> dict[str, Any]:
-    """The ``config`` mapping for ``get_backend`` from a loaded ``Site``."""
-    config: dict[str, Any] = site.settings.backend_vars()
-    return config
-
-
-def backend_for_site(site: Any) -> BootBackend:
-    """The backend the inventory chooses (``provision_boot_backend``, default ``builtin``)."""
-    config = backend_config(site)
-    return get_backend(str(config.get("provision_boot_backend") or BackendName.BUILTIN), config)
+def backend_for(site: Site, name: str | None = None) -> BootBackend:
+    """The backend the site chose (``site.settings.boot_backend``), or ``name`` (``--to``)."""
+    return get_backend(name or site.settings.boot_backend, site.settings.backend_vars())

@@ -24,19 +24,38 @@ Inventory variables (group_vars), read by ``GrendelSettings.from_config``:
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from provision.boot.base import BackendName, BootHost, BootImage, check_image_name
+from provision.boot.base import (
+    BackendName,
+    BootHost,
+    BootImage,
+    Prepared,
+    Published,
+    ServiceStatus,
+    check_image_name,
+    site_hosts,
+    sync_hosts,
+)
 from provision.errors import BootError
 from provision.grendel import (
     GrendelClient,
     GrendelSettings,
     host_from_doc,
     host_to_doc,
+    image_for_export,
     image_from_doc,
     image_to_doc,
 )
+
+if TYPE_CHECKING:
+    from provision.boot.events import BootEvent
+    from provision.image.store import ImageStore, ImageVersion
+    from provision.inventory import Node, Site
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +65,108 @@ class GrendelBackend:
 
     name = BackendName.GRENDEL.value
 
-    def __init__(self, settings: GrendelSettings, client: GrendelClient | None = None) -> None:
+    def __init__(
+        self, settings: GrendelSettings, client: GrendelClient | None = None, config: Mapping[str, Any] | None = None
+    ) -> None:
         self.settings = settings
         self.client = client or GrendelClient(settings)
+        self.config: Mapping[str, Any] = config or {}  # provision_grendel_images, provision_grendel_cmdline_extra
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> GrendelBackend:
-        return cls(GrendelSettings.from_config(config))
+        return cls(GrendelSettings.from_config(config), config=config)
 
     def describe(self) -> str:
         return f"grendel ({self.client.known_api} API) at {self.settings.where}"
 
     def ping(self) -> None:
         self.client.list_images()
+
+    # -- serving: Grendel runs elsewhere; this side syncs and checks ----------
+    def prepare(
+        self,
+        site: Site,
+        nodes: Sequence[Node],
+        *,
+        image_for: Mapping[str, str] | None = None,
+        activate: bool = True,
+    ) -> Prepared:
+        """Write the nodes' hosts (only what differs) and report their images; ``activate`` has no meaning here."""
+        site.require_valid(nodes)
+        hosts = site_hosts(site, nodes, image_for=image_for)
+        plan = sync_hosts(self, hosts)  # hosts not in the inventory stay: Grendel may serve others too
+        images = {
+            name: "registered" if self.is_published(name) else "not registered"
+            for name in sorted({h.image for h in hosts if h.image})
+        }
+        return Prepared(plan.to_write, (), images, tuple(self.status()), self.settings.where)
+
+    def serve(self) -> list[ServiceStatus]:
+        """Nothing to start here: check that Grendel answers."""
+        self.ping()
+        return self.status()
+
+    def stop(self) -> list[str]:
+        """Grendel is not run by provision: nothing to stop."""
+        return []
+
+    def status(self) -> list[ServiceStatus]:
+        try:
+            self.ping()
+        except BootError as exc:
+            return [ServiceStatus("grendel", False, None, f"{self.settings.where}: {exc.message}")]
+        return [ServiceStatus("grendel", True, None, f"{self.client.known_api} API at {self.settings.where}")]
+
+    def summary(self) -> dict[str, Any]:
+        hosts = self.list_hosts()
+        return {
+            "backend": self.name,
+            "describe": self.describe(),
+            "services": [s.as_dict() for s in self.status()],
+            "hosts": len(hosts),
+            "provisioning": sorted(h.name for h in hosts if h.provision),
+            "images": {i.name: {"active": "registered", "versions": []} for i in self.list_images()},
+        }
+
+    def boot_events(self, hosts: Sequence[BootHost] = ()) -> list[BootEvent]:
+        """Grendel's logs are on its own server: no events here."""
+        return []
+
+    def is_published(self, name: str) -> bool:
+        return self.get_image(name) is not None
+
+    def images_for(self, names: Sequence[str]) -> list[BootImage]:
+        """The Grendel images ``names``: ``provision_grendel_images`` or the repo layout."""
+        return [image_for_export(name, self.config, self.settings.repo_dir) for name in names]
+
+    def register_images(self, names: Sequence[str], *, dry_run: bool = False) -> list[BootImage]:
+        """Register ``names`` through the API; their files must already be in Grendel's repo directory."""
+        images = self.images_for(names)
+        if not dry_run and images:
+            self.put_images(images)
+        return images
+
+    def publish(self, store: ImageStore, image: ImageVersion, *, activate: bool, dry_run: bool) -> Published:
+        """Copy the version's files into Grendel's ``repo_dir`` (atomically) and register the image.
+
+        Grendel serves one version per image: nodes boot it from their next boot on.
+        """
+        boot_image = self.images_for([image.name])[0]
+        repo = Path(self.settings.repo_dir)
+        if not repo.is_dir():
+            raise BootError(
+                f"Grendel's repo directory {repo} is not on this machine",
+                hint="run on the Grendel host, mount its repo_dir, or set provision_grendel_repo_dir",
+            )
+        copies = [(image.kernel, Path(boot_image.kernel))]
+        copies += [(image.initrd, Path(p)) for p in boot_image.initrds[:1]]
+        if boot_image.squashfs:
+            copies.append((image.squashfs, Path(boot_image.squashfs)))
+        if not dry_run:
+            for source, target in copies:
+                _copy_atomic(source, target)
+            self.register_images([image.name])
+        return Published(image.name, image.version, self.name, True, self.settings.where)
 
     def list_images(self) -> list[BootImage]:
         return [image_from_doc(d) for d in self.client.list_images()]
@@ -111,3 +219,23 @@ def _hosts(docs: Sequence[Mapping[str, Any]]) -> list[BootHost]:
         except BootError as exc:
             log.warning("grendel: skipping host %r: %s", doc.get("name"), exc.message)
     return sorted(hosts, key=lambda h: h.name)
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    """Copy beside ``target`` and rename into place, so Grendel never serves half a kernel."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        shutil.copyfile(source, partial)
+        os.chmod(partial, 0o644)
+        os.replace(partial, target)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise BootError(f"cannot copy {source.name} to {target}: {exc.strerror}", hint="check the directory") from exc
+
+
+if TYPE_CHECKING:
+    from provision.boot.base import BootBackend
+
+    def _implements(backend: GrendelBackend) -> BootBackend:  # mypy checks the Protocol here
+        return backend

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import click
 
-from provision.boot.base import BootHost, backend_config
+from provision.boot.base import site_hosts
+from provision.boot.grendel import GrendelBackend
 from provision.cli.context import AppContext, emit_json, pass_app
 from provision.cli.options import dry_run, get_selection, json_output, selection
 from provision.errors import BootError
-from provision.grendel import GrendelClient, GrendelSettings, export_documents, image_for_export, image_to_doc
+from provision.files import write_atomic
+from provision.grendel import GrendelClient, GrendelSettings, export_documents, image_for_export
+from provision.inventory import Site
+
+
+def _grendel(site: Site) -> GrendelBackend:
+    """The site's Grendel, whatever provision_boot_backend says (these commands are Grendel's own)."""
+    return GrendelBackend.from_config(site.settings.backend_vars())
 
 
 @click.group()
@@ -45,12 +51,10 @@ def export(app: AppContext, output: Path | None, only: str | None) -> None:
     provision_grendel_images overrides them.
     """
     nodes = app.select(get_selection())
-    site = app.site
-    config = backend_config(site)
-    settings = GrendelSettings.from_config(config)
-    hosts = [BootHost.from_node(n, network=site.network, default_image=site.default_image) for n in nodes]
-    image_names = sorted({h.image for h in hosts if h.image})
-    images = [image_for_export(name, config, settings.repo_dir) for name in image_names]
+    config = app.site.settings.backend_vars()
+    settings = GrendelSettings.from_config(config)  # files only: no API needed
+    hosts = site_hosts(app.site, nodes)
+    images = [image_for_export(name, config, settings.repo_dir) for name in sorted({h.image for h in hosts if h.image})]
     docs = export_documents(hosts, images, settings)
     if output is None:
         emit_json(docs[only] if only else docs)
@@ -68,7 +72,7 @@ def export(app: AppContext, output: Path | None, only: str | None) -> None:
 @pass_app
 def status(app: AppContext, as_json: bool) -> None:
     """Show which Grendel API answers, and what it holds."""
-    client = GrendelClient(GrendelSettings.from_config(backend_config(app.site)))
+    client = GrendelClient(GrendelSettings.from_config(app.site.settings.backend_vars()))
     with client:
         api = client.api
         hosts, images = client.list_hosts(), client.list_images()
@@ -101,30 +105,19 @@ def push_images(app: AppContext, dry_run: bool) -> None:
     already be in Grendel's repo directory.
     """
     nodes = app.select(get_selection())
-    config = backend_config(app.site)
-    settings = GrendelSettings.from_config(config)
     names = sorted({image for n in nodes if (image := n.image or app.site.default_image)})
-    images = [image_for_export(str(name), config, settings.repo_dir) for name in names]
-    if dry_run:
-        click.echo(f"would register {len(images)} images at {settings.where}: {', '.join(names) or '-'}")
-        return
-    with GrendelClient(settings) as client:
-        client.store_images([image_to_doc(i) for i in images])
-    click.echo(f"registered {len(images)} images at {settings.where}: {', '.join(names) or '-'}")
+    backend = _grendel(app.site)
+    try:
+        images = backend.register_images(names, dry_run=dry_run)  # the path `image publish --to grendel` takes
+    finally:
+        backend.close()
+    verb = "would register" if dry_run else "registered"
+    click.echo(f"{verb} {len(images)} images at {backend.settings.where}: {', '.join(names) or '-'}")
 
 
 def _write_atomic(path: Path, data: Any) -> None:
     """Write JSON so that a watcher (Grendel's fsnotify loader) never sees half a file."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh, indent=2)
-                fh.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, json.dumps(data, indent=2) + "\n")
     except OSError as exc:
         raise BootError(f"--output: cannot write {path}: {exc.strerror}", hint="choose a writable directory") from exc

@@ -294,7 +294,7 @@ def publish_cmd(
     from provision.boot.publish import publish
 
     result = publish(
-        app.site, _store(app, store), name, version=version, backend=backend, activate=activate, dry_run=dry_run
+        app.site, _store(app, store), name, version=version, to=backend, activate=activate, dry_run=dry_run
     )
     if as_json:
         emit_json(result.as_dict() | {"dry_run": dry_run})

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from provision import inventory
+from provision.boot.base import backend_for
 from provision.cli.context import emit_json
 from provision.cli.options import json_output
 from provision.lab.rack import DEFAULT_STATE_DIR, Rack, RackConfig
@@ -31,25 +32,18 @@ def _lab_site(rack: Rack) -> inventory.Site:
 
 
 def _boot_stop(rack: Rack) -> list[str]:
-    from provision.cli.boot_server import builtin_backend
-
     if not (rack.inventory / "hosts.yml").exists():
         return []
-    site = _lab_site(rack)
-    return builtin_backend(site).stop()
+    return backend_for(_lab_site(rack)).stop()
 
 
 def _boot_serve(rack: Rack) -> dict[str, Any]:
-    from provision.cli.boot_server import builtin_backend, sync_site
-
     site = _lab_site(rack)
-    backend = builtin_backend(site)
-    synced = sync_site(site, backend, activate=True)
-    statuses = backend.serve()
+    prepared = backend_for(site).prepare(site, site.nodes, activate=True)
     return {
-        "images": synced["images"],
-        "services": {s.service: s.pid for s in statuses},
-        "url": backend.config.base_url,
+        "images": dict(prepared.images),
+        "services": {s.service: s.pid for s in prepared.services},
+        "url": prepared.where,
     }
 
 
@@ -152,10 +146,8 @@ def status(state_dir: Path, as_json: bool) -> None:
     the_rack = Rack(state_dir)
     info = the_rack.status()
     if info["up"] and (the_rack.inventory / "hosts.yml").exists():
-        from provision.cli.boot_server import builtin_backend
-
         site = _lab_site(the_rack)
-        info["boot"] = {"services": {s.service: s.pid for s in builtin_backend(site).status()}}
+        info["boot"] = {"services": {s.service: s.pid for s in backend_for(site).status()}}
     if as_json:
         emit_json(info)
         return

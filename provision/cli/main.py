@@ -11,8 +11,6 @@ from rich.logging import RichHandler
 
 from provision import __version__
 from provision.cli import boot as boot_cmd
-from provision.cli import boot_server as boot_server_cmd
-from provision.cli import bringup as bringup_cmd
 from provision.cli import grendel as grendel_cmd
 from provision.cli import image as image_cmd
 from provision.cli import inventory as inventory_cmd
@@ -65,8 +63,5 @@ cli.add_command(inventory_cmd.inventory)
 cli.add_command(image_cmd.image)
 cli.add_command(node_cmd.node)
 cli.add_command(grendel_cmd.grendel)
-cli.add_command(boot_server_cmd.boot)
+cli.add_command(boot_cmd.boot)
 cli.add_command(lab_cmd.lab)
-node_cmd.node.add_command(boot_cmd.sync)
-node_cmd.node.add_command(bringup_cmd.boot)
-node_cmd.node.add_command(bringup_cmd.join)

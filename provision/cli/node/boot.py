@@ -1,10 +1,10 @@
-"""``provision node boot`` and ``provision node join``: the main job."""
+"""``provision node boot`` and ``provision node join``: the main job (thin: ``provision.bringup`` does it)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -12,13 +12,26 @@ from rich.live import Live
 from rich.table import Table
 
 from provision.cli.context import AppContext, emit_json, pass_app
-from provision.cli.node import Duration, _confirm, _options, _report, bmc_fanout_options
-from provision.cli.options import assume_yes, get_selection, json_output, selection
+from provision.cli.options import (
+    Duration,
+    assume_yes,
+    bmc_fanout_options,
+    confirm,
+    fanout_settings,
+    get_selection,
+    json_output,
+    report_outcomes,
+    selection,
+)
 from provision.errors import ProvisionError
 from provision.fanout import Outcome, Result
 
+if TYPE_CHECKING:
+    from provision.ansible import TaskEvent
+    from provision.bringup import NodeProgress
 
-def _progress_table(rows: Sequence[Any], started: float) -> Table:
+
+def _progress_table(rows: Sequence[NodeProgress], started: float) -> Table:
     table = Table(
         box=None, pad_edge=False, title=f"node boot  {time.monotonic() - started:5.0f} s", title_justify="left"
     )
@@ -31,7 +44,7 @@ def _progress_table(rows: Sequence[Any], started: float) -> Table:
     return table
 
 
-def timeline_table(rows: Sequence[Any]) -> Table:
+def timeline_table(rows: Sequence[NodeProgress]) -> Table:
     """One row per node: seconds since power-on at which each stage was reached."""
     from provision.bringup import STAGES
 
@@ -47,7 +60,7 @@ def timeline_table(rows: Sequence[Any]) -> Table:
     return table
 
 
-def report(rows: Sequence[Any], as_json: bool, extra: dict[str, Any] | None = None) -> None:
+def report(rows: Sequence[NodeProgress], as_json: bool, extra: dict[str, Any] | None = None) -> None:
     failed = [p for p in rows if p.failed]
     if as_json:
         emit_json(
@@ -122,9 +135,9 @@ def boot(
         timeout=boot_timeout,
         join=do_join,
         join_timeout=int(join_timeout) if join_timeout else None,
-        fanout=_options(len(nodes), timeout=settings.pop("bmc_timeout"), **settings),
+        fanout=fanout_settings(len(nodes), timeout=settings.pop("bmc_timeout"), **settings),
     )
-    _confirm("power-cycle and network-boot", nodes, yes)
+    confirm("power-cycle and network-boot", nodes, yes)
     started = time.monotonic()
     console = Console(stderr=True)
     live_view = console.is_terminal and not as_json
@@ -132,13 +145,13 @@ def boot(
     if live_view:
         live = Live(console=console, refresh_per_second=4, transient=False)
 
-        def update(text: str, rows: Sequence[Any]) -> None:
+        def update(text: str, rows: Sequence[NodeProgress]) -> None:
             live.update(_progress_table(rows, started))
 
     else:
         live = None
 
-        def update(text: str, rows: Sequence[Any]) -> None:
+        def update(text: str, rows: Sequence[NodeProgress]) -> None:
             click.echo(f"{time.monotonic() - started:7.1f}s  {text}", err=True)
 
     runner = NodeBoot(app.site, nodes, run_settings, vault_password_file=app.vault_password_file, on_update=update)
@@ -172,7 +185,7 @@ def join(app: AppContext, /, join_timeout: float | None, as_json: bool) -> None:
         raise ProvisionError("no node selected", hint="give --rack, --nodes or --all")
     started = time.monotonic()
 
-    def on_event(event: Any) -> None:
+    def on_event(event: TaskEvent) -> None:
         if app.verbose or str(event.kind) in ("failed", "unreachable"):
             click.echo(f"{time.monotonic() - started:7.1f}s  {event}", err=True)
 
@@ -187,7 +200,7 @@ def join(app: AppContext, /, join_timeout: float | None, as_json: bool) -> None:
     outcomes = [
         Outcome(r.node, Result.OK if r.ok else Result.FAILED, error=r.error or None, seconds=r.seconds) for r in results
     ]
-    _report("join", outcomes, as_json, lambda _: "joined")
+    report_outcomes("join", outcomes, as_json, lambda _: "joined")
 
 
 __all__ = ["boot", "join", "report", "timeline_table"]

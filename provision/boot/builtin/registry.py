@@ -1,0 +1,161 @@
+"""What the built-in backend serves: hosts, image versions, the active version per image, boot tokens.
+
+``registry.json`` (hosts and versions) and ``tokens.json`` (one-time boot
+tokens, mode 0600) live in the state directory; every change happens under
+an exclusive lock (``locked``) so that two CLIs never interleave.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from provision.boot.base import BootHost, BootImage
+from provision.boot.builtin.layout import Layout
+from provision.errors import BootError
+from provision.files import write_atomic
+
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+
+
+def is_version(text: str) -> bool:
+    return bool(_VERSION.match(text or ""))
+
+
+def check_version(name: str, version: str) -> str:
+    if not is_version(version):
+        raise BootError(
+            f"image {name}: version {version!r} is not valid", hint="use letters, digits, '.', '_', '+', '-'"
+        )
+    return version
+
+
+def check_cmdline(cmdline: str, name: str) -> str:
+    text = " ".join(str(cmdline or "").split())
+    if "\n" in str(cmdline or "") or len(text) > 2048:
+        raise BootError(
+            f"image {name}: kernel command line must be one line under 2048 characters", hint="fix the image's cmdline"
+        )
+    return text
+
+
+@dataclass(frozen=True)
+class ImageVersionRecord:
+    """One servable version of an image: files on this machine plus kernel extras."""
+
+    version: str
+    kernel: str
+    initrds: tuple[str, ...]
+    squashfs: str | None
+    cmdline: str = ""
+
+    @classmethod
+    def of_files(
+        cls,
+        name: str,
+        version: str,
+        *,
+        kernel: str | os.PathLike[str],
+        initrds: tuple[str | os.PathLike[str], ...] | list[str | os.PathLike[str]],
+        squashfs: str | os.PathLike[str] | None,
+        cmdline: str = "",
+    ) -> ImageVersionRecord:
+        """A record with absolute paths and a checked command line."""
+        return cls(
+            check_version(name, version),
+            str(Path(kernel).resolve()),
+            tuple(str(Path(i).resolve()) for i in initrds),
+            str(Path(squashfs).resolve()) if squashfs else None,
+            check_cmdline(cmdline, name),
+        )
+
+    def boot_image(self, name: str) -> BootImage:
+        return BootImage(
+            name=name, kernel=self.kernel, initrds=self.initrds, squashfs=self.squashfs, cmdline=self.cmdline
+        )
+
+    def check_files(self, name: str) -> None:
+        for path in (self.kernel, *self.initrds, *([self.squashfs] if self.squashfs else [])):
+            if not Path(path).is_file():
+                raise BootError(f"image {name} {self.version}: {path} does not exist", hint="publish the image again")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "kernel": self.kernel,
+            "initrds": list(self.initrds),
+            "squashfs": self.squashfs,
+            "cmdline": self.cmdline,
+        }
+
+
+@dataclass
+class Registry:
+    """Mutable run state: the hosts, every servable version, and the version each image boots."""
+
+    hosts: dict[str, BootHost] = field(default_factory=dict)
+    versions: dict[str, dict[str, ImageVersionRecord]] = field(default_factory=dict)
+    active: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> Registry:
+        if not path.exists():
+            return cls()
+        try:
+            data = json.loads(path.read_text())
+            hosts = {
+                h["name"]: BootHost(**{**h, "macs": tuple(h["macs"]), "ips": tuple(h["ips"]), "tags": tuple(h["tags"])})
+                for h in data.get("hosts", [])
+            }
+            versions = {
+                name: {
+                    v["version"]: ImageVersionRecord(
+                        v["version"], v["kernel"], tuple(v["initrds"]), v.get("squashfs"), v.get("cmdline", "")
+                    )
+                    for v in vs
+                }
+                for name, vs in data.get("images", {}).items()
+            }
+            return cls(hosts, versions, dict(data.get("active", {})))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BootError(
+                f"{path}: unreadable boot registry ({exc})",
+                hint="restore it or remove it and run `provision boot serve`",
+            ) from exc
+
+    def save(self, path: Path) -> None:
+        data = {
+            "hosts": [h.as_dict() for h in sorted(self.hosts.values(), key=lambda h: h.name)],
+            "images": {n: [v.as_dict() for v in vs.values()] for n, vs in sorted(self.versions.items())},
+            "active": dict(sorted(self.active.items())),
+        }
+        write_atomic(path, json.dumps(data, indent=2) + "\n", mode=0o644)
+
+
+def read_tokens(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def save_tokens(path: Path, tokens: Mapping[str, str]) -> None:
+    write_atomic(path, json.dumps(dict(sorted(tokens.items())), indent=2) + "\n", mode=0o600)
+
+
+@contextlib.contextmanager
+def locked(layout: Layout) -> Iterator[Registry]:
+    """The registry, under an exclusive lock; saved when the block ends without error."""
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with open(layout.lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        registry = Registry.load(layout.registry_path)
+        yield registry
+        registry.save(layout.registry_path)
