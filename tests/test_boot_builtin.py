@@ -515,6 +515,32 @@ def test_serve_and_stop_are_idempotent_in_a_netns(tmp_path: Path, store: Path, n
 
 
 @pytest.mark.integration
+def test_node_boot_prepares_rack_r1_beside_a_broken_rack_r2(tmp_path: Path, store: Path, netns: str) -> None:
+    """node boot's check and sync steps for r1: the backend serves r1 although node03 in r2 is broken."""
+    site_path = make_inventory(
+        tmp_path, store=store, extra={"provision_boot_netns": netns, "provision_boot_interface": "br0"}
+    )
+    add_broken_rack(site_path)
+    site = inventory.load(site_path)
+    run = NodeBoot(site, site.select(rack="r1"))
+    backend = builtin_backend(site)
+    try:
+        run.check()
+        run.sync()
+        assert all(s.running for s in backend.status())
+        assert "node03" not in (backend.conf_dir / "dnsmasq.hosts").read_text()
+        script = in_ns(netns, "curl", "-fsS", "--interface", "10.99.0.1", "http://10.99.0.1/boot.ipxe").stdout
+        assert script.startswith("#!ipxe")
+        in_ns(netns, "ip", "addr", "add", "10.99.0.11/24", "dev", "br0")
+        url = f"http://10.99.0.1/boot/{mac_file_name(MACS['node01'])}.ipxe"
+        node01 = in_ns(netns, "curl", "-fsS", "--interface", "10.99.0.11", url).stdout
+        assert f"/images/{IMAGE}/{V2}/vmlinuz" in node01 and "provision.token=" in node01
+    finally:
+        backend.stop()
+    assert service_pids(backend.conf_dir) == []
+
+
+@pytest.mark.integration
 def test_serve_reports_a_port_in_use(tmp_path: Path, store: Path, netns: str) -> None:
     site_path = make_inventory(
         tmp_path, store=store, extra={"provision_boot_netns": netns, "provision_boot_http_port": 8080}
