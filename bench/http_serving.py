@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from provision.boot.builtin import BuiltinBackend
-from provision.netns import Netns
+from provision.lab.netns import Netns
 
 SERVER = "10.99.0.1"
 PY_PORT = 8000

@@ -412,13 +412,13 @@ def bootdev_get_nodes(nodes: Sequence[Node], options: FanoutOptions | None = Non
 
 
 # --------------------------------------------------------------------------
-# pyghmi, for provision.vbmc's server side only
+# pyghmi, for provision.lab.vbmc's server side only
 
 
 def install_recv_fix(pyghmi_session: Any) -> None:
     """Make pyghmi's socket reads non-blocking per call, not per socket.
 
-    Used by the virtual BMCs (provision.vbmc runs pyghmi's server); the
+    Used by the virtual BMCs (provision.lab.vbmc runs pyghmi's server); the
     client side of provision no longer uses pyghmi. pyghmi's I/O loop reads
     with ``sock.setblocking(0); sock.recvfrom()`` while a sender calls
     ``sock.setblocking(1); sock.sendto()`` on the same socket: when the two

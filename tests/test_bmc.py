@@ -20,7 +20,7 @@ from provision.bmc import (
     power_nodes,
 )
 from provision.inventory import Bmc, BmcProtocol, Node, Secret
-from provision.vbmc import VbmcFleet, VbmcSpec, free_udp_ports
+from provision.lab.vbmc import VbmcFleet, VbmcSpec, free_udp_ports
 
 pytestmark = pytest.mark.integration
 

@@ -25,8 +25,8 @@ import pytest
 from conftest import requires
 
 from provision.lab.rack import Rack, RackConfig, RackError
-from provision.vbmc import machine_spec_from_json, machine_spec_to_json
-from provision.vm import Accel, BootFrom, MachineSpec, Nic
+from provision.lab.vbmc import machine_spec_from_json, machine_spec_to_json
+from provision.lab.vm import Accel, BootFrom, MachineSpec, Nic
 
 PROVISION = str(Path(sys.executable).with_name("provision"))
 needs_root = requires(os.geteuid() == 0, "namespaces need root; CI runs the suite as root")
@@ -243,7 +243,7 @@ def test_failed_up_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert not Path(f"/run/netns/{netns}").exists()
     assert not state.exists()
     leftovers = subprocess.run(
-        ["pgrep", "-f", f"provision.vbmc --serve-stdin --state-dir {state}"], capture_output=True
+        ["pgrep", "-f", f"provision.lab.vbmc --serve-stdin --state-dir {state}"], capture_output=True
     )
     assert leftovers.returncode == 1, leftovers.stdout
 

@@ -1,4 +1,4 @@
-"""provision.netns: namespaces, bridges and taps, removed exactly and idempotently (needs root)."""
+"""provision.lab.netns: namespaces, bridges and taps, removed exactly and idempotently (needs root)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from provision.netns import Netns, NetnsError, namespace_exists
+from provision.lab.netns import Netns, NetnsError, namespace_exists
 
 pytestmark = pytest.mark.integration
 _counter = itertools.count()

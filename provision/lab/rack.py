@@ -4,12 +4,12 @@
 
 1. a network namespace with a bridge holding the provisioning server's
    address (``10.99.0.1/24`` and ``fd99::1/64``, inside the namespace only)
-   and one tap per machine (``provision.netns.Netns``);
+   and one tap per machine (``provision.lab.netns.Netns``);
 2. per machine a small blank raw disk and a ``MachineSpec`` (virtio NIC on
    its tap, whose iPXE ROM network-boots; serial console logged to a file;
    KVM when a probe shows it usable, TCG otherwise). Machines are *not*
    started: they are off until their BMC is told to power on;
-3. one process of virtual BMCs (``python -m provision.vbmc --serve-stdin``,
+3. one process of virtual BMCs (``python -m provision.lab.vbmc --serve-stdin``,
    its own session so it outlives the command) on 127.0.0.1, one UDP port per
    machine; the machine specs travel with the BMC specs on stdin, so that
    process owns the QEMU machines (power on starts QEMU inside the
@@ -56,9 +56,9 @@ import yaml
 
 from provision.errors import ProvisionError
 from provision.lab.control import ControlPlane, ControlPlaneConfig, LabNode
-from provision.netns import Netns, namespace_exists
-from provision.vbmc import VbmcSpec, free_udp_ports, machine_spec_to_json, read_state
-from provision.vm import Accel, BootFrom, MachineSpec, Nic, detect_accel
+from provision.lab.netns import Netns, namespace_exists
+from provision.lab.vbmc import VbmcSpec, free_udp_ports, machine_spec_to_json, read_state
+from provision.lab.vm import Accel, BootFrom, MachineSpec, Nic, detect_accel
 
 DEFAULT_STATE_DIR = Path(".state/lab")
 BMC_USER = "admin"
@@ -332,7 +332,7 @@ class Rack:
             bmc = VbmcSpec(name=node["name"], port=node["bmc_port"], user=BMC_USER, password=password)
             items.append({**asdict(bmc), "suites": list(bmc.suites), "machine": machine_spec_to_json(spec)})
         env = base_env({"PYTHONPATH": str(Path(__file__).resolve().parents[2])})
-        argv = [sys.executable, "-m", "provision.vbmc", "--serve-stdin", "--state-dir", str(self.vbmc_dir)]
+        argv = [sys.executable, "-m", "provision.lab.vbmc", "--serve-stdin", "--state-dir", str(self.vbmc_dir)]
         with open(self.root / "vbmc.log", "ab") as log:
             proc = subprocess.Popen(
                 argv,
@@ -493,7 +493,7 @@ class Rack:
             except ProvisionError as exc:
                 removed.append(f"control:not stopped cleanly ({exc.message})")
         vbmc_pid = data.get("vbmc_pid")
-        if vbmc_pid and _alive(vbmc_pid) and "provision.vbmc" in _cmdline(vbmc_pid):
+        if vbmc_pid and _alive(vbmc_pid) and "provision.lab.vbmc" in _cmdline(vbmc_pid):
             removed += [f"vbmc:{pid}" for pid in _kill([vbmc_pid])]
         removed += [f"qemu:{pid}" for pid in _kill(self.qemu_pids(), grace=2.0)]
         netns_name = data.get("netns")

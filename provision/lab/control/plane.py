@@ -49,7 +49,7 @@ from provision.errors import ProvisionError
 from provision.lab.sandbox import ANCHOR, NETNS_DIR, Sandbox
 from provision.proc import run
 
-TEMPLATES = Path(__file__).resolve().parent / "templates"
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 MUNGE_SOCKET = "/run/munge/munge.socket.2"
 DEBIAN_PACKAGES = "slurmctld slurm-client munge slapd ldap-utils"
 _REQUIRED_TOOLS = (
@@ -402,7 +402,7 @@ class ControlPlane:
         if self.config.netns is not None and not (NETNS_DIR / self.config.netns).exists():
             raise ControlPlaneError(
                 f"network namespace {self.config.netns!r} does not exist",
-                hint="create the lab's namespace first (provision.netns.Netns(...).create())",
+                hint="create the lab's namespace first (provision.lab.netns.Netns(...).create())",
             )
         if self.running():
             raise ControlPlaneError(

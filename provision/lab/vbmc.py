@@ -31,7 +31,7 @@ The machine behind a BMC is a ``Machine``: anything with ``start()``,
 ``stop()``, ``reset()`` and ``is_running`` (attribute, property or method);
 optional ``shutdown()`` (ACPI soft off; else ``stop()``) and
 ``set_boot_device(device, persistent, uefi)``. ``QemuMachine`` adapts
-``provision.vm.Machine`` (the BMC's boot device picks what QEMU boots);
+``provision.lab.vm.Machine`` (the BMC's boot device picks what QEMU boots);
 ``SimulatedMachine`` is a power flag for tests. The fleet's processes run
 simulated machines unless a served spec carries a ``"machine"`` (a
 ``MachineSpec`` as JSON, see ``machine_spec_to_json``: the virtual rack does
@@ -84,7 +84,7 @@ CC_NOT_IN_PRESENT_STATE = 0xD5
 
 @runtime_checkable
 class Machine(Protocol):
-    """What a virtual BMC drives. ``provision.vm.Machine`` fits."""
+    """What a virtual BMC drives. ``provision.lab.vm.Machine`` fits."""
 
     def start(self) -> None: ...
 
@@ -121,7 +121,7 @@ class SimulatedMachine:
 
 
 class QemuMachine:
-    """Adapts ``provision.vm.Machine`` (QEMU) to a virtual BMC.
+    """Adapts ``provision.lab.vm.Machine`` (QEMU) to a virtual BMC.
 
     The BMC's boot device chooses ``start(boot=...)``: pxe boots from the
     network, disk from the disk, anything else the machine's own default.
@@ -138,7 +138,7 @@ class QemuMachine:
         self.boot = device if device in ("pxe", "disk") else None
 
     def _boot_from(self) -> Any:
-        from provision.vm import BootFrom
+        from provision.lab.vm import BootFrom
 
         return {"pxe": BootFrom.NETWORK, "disk": BootFrom.DISK}.get(self.boot or "")
 
@@ -599,7 +599,7 @@ def _spec_to_json(spec: VbmcSpec) -> dict[str, Any]:
 
 
 def machine_spec_to_json(spec: Any) -> dict[str, Any]:
-    """A ``provision.vm.MachineSpec`` as JSON data (the ``"machine"`` key of a served BMC spec)."""
+    """A ``provision.lab.vm.MachineSpec`` as JSON data (the ``"machine"`` key of a served BMC spec)."""
     data = asdict(spec)
     data["nics"] = [asdict(nic) for nic in spec.nics]
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
@@ -607,7 +607,7 @@ def machine_spec_to_json(spec: Any) -> dict[str, Any]:
 
 def machine_spec_from_json(data: dict[str, Any]) -> Any:
     """The inverse of :func:`machine_spec_to_json`."""
-    from provision.vm import Accel, BootFrom, MachineSpec, Nic
+    from provision.lab.vm import Accel, BootFrom, MachineSpec, Nic
 
     paths = ("workdir", "kernel", "initrd", "disk")
     fields: dict[str, Any] = {k: (Path(v) if k in paths and v is not None else v) for k, v in data.items()}
@@ -642,7 +642,7 @@ def _serve_stdin(state_dir: Path) -> int:
             spec = VbmcSpec(**{**item, "suites": tuple(item["suites"])})
             machine = None
             if machine_data is not None:
-                from provision.vm import Machine as QemuVm
+                from provision.lab.vm import Machine as QemuVm
 
                 machine = QemuMachine(QemuVm(machine_spec_from_json(machine_data)))
                 machines.append(machine)
@@ -660,7 +660,7 @@ class VbmcFleet:
 
     ``per_process`` BMCs share a process (and its select loop); a BMC with
     the ``slow`` fault gets a process of its own so that its delay holds up
-    no other BMC. Each process is ``python -m provision.vbmc --serve-stdin``
+    no other BMC. Each process is ``python -m provision.lab.vbmc --serve-stdin``
     and reads its specs, passwords included, from stdin: never from argv.
     (A long-lived server cannot go through provision.proc.run(), which
     waits; it gets the same clean environment from proc.base_env().)
@@ -681,8 +681,8 @@ class VbmcFleet:
         from provision.proc import base_env
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        env = base_env({"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
-        argv = [sys.executable, "-m", "provision.vbmc", "--serve-stdin", "--state-dir", str(self.state_dir)]
+        env = base_env({"PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+        argv = [sys.executable, "-m", "provision.lab.vbmc", "--serve-stdin", "--state-dir", str(self.state_dir)]
         groups = self.groups()
         for group in groups:
             proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -756,12 +756,12 @@ def make_specs(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m provision.vbmc``: N virtual BMCs until SIGTERM or Ctrl-C.
+    """``python -m provision.lab.vbmc``: N virtual BMCs until SIGTERM or Ctrl-C.
 
     The password comes from the environment variable PROVISION_VBMC_PASSWORD
     (never from argv).
     """
-    parser = argparse.ArgumentParser(prog="python -m provision.vbmc", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m provision.lab.vbmc", description=main.__doc__)
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--base-port", type=int, default=16230)
     parser.add_argument("--user", default="admin")
