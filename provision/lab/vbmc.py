@@ -51,15 +51,18 @@ import logging
 import os
 import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+from provision.files import write_atomic
+from provision.proc import spawn
 
 log = logging.getLogger(__name__)
 
@@ -199,13 +202,34 @@ def read_state(state_dir: Path, name: str) -> dict[str, Any]:
 # the project must not pull the server in).
 
 
+def install_recv_fix(pyghmi_session: Any) -> None:
+    """Make pyghmi's socket reads non-blocking per call, not per socket.
+
+    pyghmi's I/O loop reads with ``sock.setblocking(0); sock.recvfrom()``
+    while a sender calls ``sock.setblocking(1); sock.sendto()`` on the same
+    socket: when the two interleave, the read blocks on an empty socket and
+    every BMC of the process stalls until a packet happens to arrive.
+    Reading with MSG_DONTWAIT gives the non-blocking read pyghmi intends
+    whatever the socket's mode. Nothing on the wire changes.
+    """
+    if getattr(pyghmi_session, "_provision_recv_fix", False):
+        return
+
+    def _io_recvfrom(mysocket: socket.socket, size: int) -> tuple[bytes, Any] | None:
+        try:
+            return mysocket.recvfrom(size, socket.MSG_DONTWAIT)
+        except OSError:
+            return None
+
+    pyghmi_session._io_recvfrom = _io_recvfrom
+    pyghmi_session._provision_recv_fix = True
+
+
 def _server_classes() -> tuple[type[Any], type[Any]]:
     import pyghmi.ipmi.bmc as pyghmi_bmc
     import pyghmi.ipmi.private.constants as constants
     import pyghmi.ipmi.private.serversession as serversession
     import pyghmi.ipmi.private.session as ipmisession
-
-    from provision.bmc import install_recv_fix
 
     install_recv_fix(ipmisession)
 
@@ -417,11 +441,7 @@ def _server_classes() -> tuple[type[Any], type[Any]]:
         def write_state(self) -> None:
             if self.state_dir is None:
                 return
-            target = state_path(self.state_dir, self.spec.name)
-            fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=f".{self.spec.name}.")
-            with os.fdopen(fd, "w") as fh:
-                json.dump(self.state(), fh)
-            os.replace(tmp, target)
+            write_atomic(state_path(self.state_dir, self.spec.name), json.dumps(self.state()), mode=0o600)
 
         def record(self, event: str) -> None:
             self.history.append(event)
@@ -655,22 +675,42 @@ def _serve_stdin(state_dir: Path) -> int:
     return 0
 
 
+def serve_process(items: list[dict[str, Any]], state_dir: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``python -m provision.lab.vbmc --serve-stdin`` in its own session and hand it ``items``.
+
+    ``items`` are specs as JSON data, passwords included: they go through
+    stdin, never argv. Read the process's first line with :func:`ready_line`.
+    """
+    argv = [sys.executable, "-m", "provision.lab.vbmc", "--serve-stdin", "--state-dir", str(state_dir)]
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = spawn(argv, log_path=log_path, env=env, pipe=True)
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(items).encode())
+    proc.stdin.close()
+    return proc
+
+
+def ready_line(proc: subprocess.Popen[bytes], deadline: float) -> str:
+    """The first line a served process prints (``ready N`` or ``error: ...``); "" if none by ``deadline``."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+    return proc.stdout.readline().decode(errors="replace").strip() if ready else ""
+
+
 class VbmcFleet:
     """Virtual BMCs in separate processes; a context manager.
 
     ``per_process`` BMCs share a process (and its select loop); a BMC with
     the ``slow`` fault gets a process of its own so that its delay holds up
-    no other BMC. Each process is ``python -m provision.lab.vbmc --serve-stdin``
-    and reads its specs, passwords included, from stdin: never from argv.
-    (A long-lived server cannot go through provision.proc.run(), which
-    waits; it gets the same clean environment from proc.base_env().)
+    no other BMC. Each process is started by :func:`serve_process` and logs
+    to ``state_dir/vbmc.log``.
     """
 
     def __init__(self, specs: Iterable[VbmcSpec], state_dir: Path, *, per_process: int = 100) -> None:
         self.specs = list(specs)
         self.state_dir = Path(state_dir)
         self.per_process = per_process
-        self.processes: list[subprocess.Popen[str]] = []
+        self.processes: list[subprocess.Popen[bytes]] = []
 
     def groups(self) -> list[list[VbmcSpec]]:
         slow = [[s] for s in self.specs if s.fault == "slow"]
@@ -678,27 +718,18 @@ class VbmcFleet:
         return [rest[i : i + self.per_process] for i in range(0, len(rest), self.per_process)] + slow
 
     def start(self, timeout: float = 60.0) -> VbmcFleet:
-        from provision.proc import base_env
-
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        env = base_env({"PYTHONPATH": str(Path(__file__).resolve().parents[2])})
-        argv = [sys.executable, "-m", "provision.lab.vbmc", "--serve-stdin", "--state-dir", str(self.state_dir)]
         groups = self.groups()
         for group in groups:
-            proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            self.processes.append(proc)
-            assert proc.stdin is not None
-            json.dump([_spec_to_json(s) for s in group], proc.stdin)
-            proc.stdin.close()
+            items = [_spec_to_json(s) for s in group]
+            self.processes.append(serve_process(items, self.state_dir, self.state_dir / "vbmc.log"))
         deadline = time.monotonic() + timeout
         for group, proc in zip(groups, self.processes, strict=True):
-            assert proc.stdout is not None
-            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            line = proc.stdout.readline().strip() if ready else ""
+            line = ready_line(proc, deadline)
             if not line.startswith("ready"):
                 self.stop()
                 why = line or f"not ready after {timeout} s"
-                raise RuntimeError(f"virtual BMCs {group[0].name}..: {why}")
+                raise RuntimeError(f"virtual BMCs {group[0].name}..: {why} (see {self.state_dir / 'vbmc.log'})")
         return self
 
     @property
@@ -731,8 +762,6 @@ class VbmcFleet:
 
 def free_udp_ports(count: int, address: str = "127.0.0.1") -> list[int]:
     """``count`` UDP ports free on ``address`` right now (the kernel picks them)."""
-    import socket
-
     sockets = []
     try:
         for _ in range(count):
