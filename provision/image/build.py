@@ -14,7 +14,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -302,6 +302,3 @@ def build(
         squashfs_bytes=squashfs_bytes,
         seconds=time.monotonic() - started,
     )
-
-
-ProgressFactory = Callable[[], Progress]
