@@ -393,6 +393,7 @@ class NodeBoot:
                 vault_password_file=self.vault_password_file,
                 on_event=on_event,
                 timeout=self.settings.join_timeout,
+                settings=self.site.settings,
             )
         except ProvisionError as exc:
             with self._lock:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from provision.ansible import EventKind, PlaybookError, TaskEvent, run_playbook
+from provision.settings import SiteSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 JOIN_PLAYBOOK = PROJECT_ROOT / "playbooks" / "join.yml"
@@ -49,8 +50,13 @@ def join_nodes(
     on_event: Callable[[TaskEvent], None] | None = None,
     timeout: int | None = None,
     verbosity: int = 0,
+    settings: SiteSettings | None = None,
 ) -> list[JoinResult]:
-    """Run the join playbook on ``names``; never raises for a node's failure (it is in its result)."""
+    """Run the join playbook on ``names``; never raises for a node's failure (it is in its result).
+
+    ``settings``: the site's settings, passed to the playbook so that it reads
+    the pinned host keys where ``provision`` wrote them.
+    """
     if not names:
         return []
     tally = _Tally(started=time.monotonic())
@@ -82,7 +88,7 @@ def join_nodes(
         run_playbook(
             JOIN_PLAYBOOK,
             inventory=inventory,
-            extravars={"join_hosts": ",".join(names)},
+            extravars={"join_hosts": ",".join(names), **(settings.playbook_vars() if settings else {})},
             envvars=envvars,
             roles_path=[ROLES_PATH],
             on_event=handle,

@@ -29,7 +29,7 @@ from provision.boot.builtin import BuiltinBackend, BuiltinConfig, Service, mac_f
 from provision.bringup import NodeBoot
 from provision.errors import BootError, ValidationError
 from provision.inventory import Site
-from provision.netns import Netns
+from provision.lab.netns import Netns
 
 IMAGE = "base-debian12"  # an image defined under images/, so the inventory accepts it
 V1, V2 = "20260101-000000", "20260102-000000"

@@ -196,6 +196,7 @@ def join(app: AppContext, /, join_timeout: float | None, as_json: bool) -> None:
         on_event=on_event,
         timeout=int(join_timeout) if join_timeout else None,
         verbosity=max(0, app.verbose - 1),
+        settings=app.site.settings,
     )
     outcomes = [
         Outcome(r.node, Result.OK if r.ok else Result.FAILED, error=r.error or None, seconds=r.seconds) for r in results
