@@ -16,10 +16,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from provision.boot.base import DEFAULT_BACKEND, BackendName
 from provision.errors import InventoryError
 
-BACKENDS = ("builtin", "grendel")
-DEFAULT_BACKEND = "builtin"
+BACKENDS = tuple(b.value for b in BackendName)
 STATE_DIR_ENV = "PROVISION_STATE_DIR"
 
 

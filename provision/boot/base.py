@@ -51,6 +51,10 @@ class BackendName(StrEnum):
     BUILTIN = "builtin"
 
 
+#: The backend a site gets without ``provision_boot_backend``.
+DEFAULT_BACKEND = BackendName.BUILTIN
+
+
 def normalize_mac(value: str, *, field_name: str = "mac") -> str:
     """``AA-BB-CC-DD-EE-FF`` / ``aabb.ccdd.eeff`` → ``aa:bb:cc:dd:ee:ff``."""
     try:

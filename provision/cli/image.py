@@ -11,6 +11,7 @@ from rich.status import Status
 from rich.table import Table
 
 from provision.ansible import EventKind, TaskEvent
+from provision.boot.base import BackendName
 from provision.cli.context import AppContext, emit_json, pass_app
 from provision.cli.options import dry_run, json_output
 from provision.errors import ImageError
@@ -254,7 +255,7 @@ def validate_cmd(app: AppContext, names: tuple[str, ...]) -> None:
 @click.option(
     "--to",
     "backend",
-    type=click.Choice(["builtin", "grendel"]),
+    type=click.Choice([b.value for b in BackendName]),
     help="Boot backend (default: the inventory's provision_boot_backend).",
 )
 @click.option("--activate", is_flag=True, help="Built-in backend: nodes boot this version from their next boot on.")

@@ -363,7 +363,6 @@ class Rack:
             "provision_state_dir": str(self.site_state),
             "provision_bmc_user": BMC_USER,
             "provision_bmc_protocol": "ipmi",
-            "provision_boot_backend": "builtin",
             "provision_boot_netns": config.netns,
             "provision_boot_address": config.server_address,
             "provision_boot_interface": config.bridge,
