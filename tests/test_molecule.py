@@ -14,32 +14,93 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MOLECULE_DIR = PROJECT_ROOT / "molecule"
+ROLES_DIR = PROJECT_ROOT / "roles"
 VENV_BIN = Path(sys.executable).parent
 SCENARIOS = sorted(p.parent.name for p in MOLECULE_DIR.glob("*/molecule.yml"))
 HOST_TOOLS = ("systemd-nspawn", "mmdebstrap", "socat", "ip", "ssh", "ssh-keygen")
 
 
+_ROLE_MODULES = {f"{ns}{verb}_role" for ns in ("", "ansible.builtin.") for verb in ("include", "import")}
+_PLAYBOOK_MODULES = {"import_playbook", "ansible.builtin.import_playbook"}
+_TASKS_MODULES = {f"{ns}{verb}_tasks" for ns in ("", "ansible.builtin.") for verb in ("include", "import")}
+_TASK_LISTS = ("pre_tasks", "tasks", "post_tasks", "handlers", "block", "rescue", "always")
+
+
+def converged_roles(playbook: Path) -> tuple[set[str], list[str]]:
+    """The roles a playbook applies (plays' roles:, include/import_role, imported playbooks and
+    task files, the roles' meta dependencies), and what could not be read."""
+    roles: set[str] = set()
+    unreadable: list[str] = []
+
+    def role_name(name: object, task: dict[str, Any], where: str) -> None:
+        if isinstance(name, str) and "{{" not in name:
+            roles.add(name)
+        elif name == "{{ item }}" and isinstance(task.get("loop", task.get("with_items")), list):
+            roles.update(str(item) for item in task.get("loop", task.get("with_items")))
+        else:
+            unreadable.append(f"{where}: role {name!r}")
+
+    def tasks(items: object, base: Path, where: str) -> None:
+        for task in items if isinstance(items, list) else []:
+            if not isinstance(task, dict):
+                continue
+            for key, value in task.items():
+                if key in _ROLE_MODULES:
+                    role_name(value.get("name") if isinstance(value, dict) else value, task, where)
+                elif key in _TASKS_MODULES and isinstance(value, str) and "{{" not in value:
+                    tasks(yaml.safe_load((base / value).read_text()), (base / value).parent, str(base / value))
+                elif key in _TASK_LISTS:
+                    tasks(value, base, where)
+
+    def plays(path: Path) -> None:
+        for play in yaml.safe_load(path.read_text()) or []:
+            for key, value in play.items():
+                if key in _PLAYBOOK_MODULES:
+                    plays(path.parent / str(value))
+                elif key == "roles":
+                    for entry in value or []:
+                        role_name(
+                            entry.get("role", entry.get("name")) if isinstance(entry, dict) else entry, {}, str(path)
+                        )
+                elif key in _TASK_LISTS:
+                    tasks(value, path.parent, str(path))
+
+    plays(playbook)
+    pending = list(roles)
+    while pending:  # a converged role's meta dependencies are converged too
+        meta_file = ROLES_DIR / pending.pop() / "meta" / "main.yml"
+        meta = (yaml.safe_load(meta_file.read_text()) if meta_file.is_file() else None) or {}
+        for dep in meta.get("dependencies") or []:
+            name = dep.get("role", dep.get("name")) if isinstance(dep, dict) else dep
+            if name not in roles:
+                roles.add(name)
+                pending.append(name)
+    return roles, unreadable
+
+
+def converge_playbook(scenario: str) -> Path:
+    config = yaml.safe_load((MOLECULE_DIR / scenario / "molecule.yml").read_text()) or {}
+    section = config.get("ansible") or config.get("provisioner") or {}
+    return MOLECULE_DIR / scenario / str((section.get("playbooks") or {}).get("converge", "converge.yml"))
+
+
 def test_every_role_is_converged_by_a_scenario() -> None:
-    roles = {
-        "nvidia_driver",
-        "enroot",
-        "apptainer",
-        "cvmfs",
-        "munge",
-        "slurm_node",
-        "sssd",
-        "wireguard",
-        "node_tools",
-        "postboot",
-    }
-    converged = "\n".join((MOLECULE_DIR / s / "converge.yml").read_text() for s in SCENARIOS)
-    missing = sorted(r for r in roles if r not in converged)
-    assert not missing, f"roles without a molecule scenario: {missing}"
+    roles = {p.name for p in ROLES_DIR.iterdir() if p.is_dir()}
+    assert roles, f"no roles under {ROLES_DIR}"
+    converged: set[str] = set()
+    for scenario in SCENARIOS:
+        found, unreadable = converged_roles(converge_playbook(scenario))
+        assert not unreadable, f"{scenario}: roles this test cannot read: {unreadable}"
+        converged |= found
+    assert sorted(roles - converged) == [], "roles no molecule scenario converges"
+    assert sorted(converged - roles) == [], "scenarios converge roles that are not in roles/"
     readme = (MOLECULE_DIR / "README.md").read_text()
     assert all(f"`{s}`" in readme for s in SCENARIOS), "molecule/README.md must have a row per scenario"
 
