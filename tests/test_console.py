@@ -116,7 +116,9 @@ def test_console_log_since_mark(tmp_path: Path) -> None:
     console = ConsoleLog(log)
     console.mark()
     with open(log, "a") as fh:
-        fh.write(f"\x1b[0m[ 5.2] provision: ssh-host-key ssh-ed25519 {KEY_A}\r\n[ 9.9] provision: node ready (multi-user)\r\n")
+        fh.write(
+            f"\x1b[0m[ 5.2] provision: ssh-host-key ssh-ed25519 {KEY_A}\r\n[ 9.9] provision: node ready (multi-user)\r\n"
+        )
     assert console.host_keys() == [HostKey("ssh-ed25519", KEY_A)] and console.ready()
     assert console.tail(1) == ["[ 9.9] provision: node ready (multi-user)"]
 
@@ -157,13 +159,18 @@ keys = st.one_of(
     st.builds(lambda p, ts: Key("ecdsa-sha2-nistp256", ecdsa_key(b"\x04" + p + p), ts), points, st.booleans()),
 )
 prompts = st.text(NOISE_ALPHABET, min_size=1, max_size=20).filter(
-    lambda p: re.sub(r"[\x00-\x1f\x7f]|\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]", "", p) != ""
-    and not re.fullmatch(r"(?:\[\s*\d+\.\d+\] )?", re.sub(r"[\x00-\x1f\x7f]", "", p))
+    lambda p: (
+        re.sub(r"[\x00-\x1f\x7f]|\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]", "", p) != ""
+        and not re.fullmatch(r"(?:\[\s*\d+\.\d+\] )?", re.sub(r"[\x00-\x1f\x7f]", "", p))
+    )
 )
 typed = st.builds(
     Typed,
     st.one_of(st.just("r1n01 login: "), prompts),
-    st.one_of(boots.map(lambda b: f"provision: boot {b.boot_id}"), keys.map(lambda k: f"provision: ssh-host-key {k.type} {k.key}")),
+    st.one_of(
+        boots.map(lambda b: f"provision: boot {b.boot_id}"),
+        keys.map(lambda k: f"provision: ssh-host-key {k.type} {k.key}"),
+    ),
 )
 noise = st.text(NOISE_ALPHABET, max_size=40).filter(lambda t: "provision:" not in t).map(Noise)
 events = st.lists(st.one_of(boots, keys, typed, noise), max_size=30)
@@ -175,7 +182,9 @@ def render(items: list[Boot | Key | Typed | Noise]) -> bytes:
         if isinstance(item, Boot):
             out.append(f"[    4.123456] provision: boot {item.boot_id}")
         elif isinstance(item, Key):
-            out.append(("[   12.345678] " if item.timestamp else "") + f"provision: ssh-host-key {item.type} {item.key}")
+            out.append(
+                ("[   12.345678] " if item.timestamp else "") + f"provision: ssh-host-key {item.type} {item.key}"
+            )
         elif isinstance(item, Typed):
             out.append(item.prefix + item.marker)
         else:
