@@ -139,6 +139,17 @@ class Client:
         return await self.request("POST", "/v1/bundle", source, json=body)
 
 
+def untar(data: bytes) -> dict[str, tuple[tarfile.TarInfo, bytes]]:
+    """A bundle tar's members and their contents."""
+    out = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar.getmembers():
+            content = tar.extractfile(member)
+            assert content is not None
+            out[member.name] = (member, content.read())
+    return out
+
+
 def write_bundle(root: Path, node: str) -> None:
     base = root / node
     (base / "files/etc/munge").mkdir(parents=True, exist_ok=True)
@@ -241,25 +252,19 @@ def test_a_node_gets_its_bundle_and_reports(lab: tuple[Site, Path], nodes: dict[
         assert len(challenge.json()["nonce"]) == 43  # urlsafe base64 of 32 bytes
         answer = await client.bundle(await client.join_request(node), node.ip)
         assert answer.status == 200 and answer.content_type == "application/octet-stream"
-        tar = tarfile.open(fileobj=io.BytesIO(node.decrypt(answer.body)))
-        members = {m.name: m for m in tar.getmembers()}
+        members = untar(node.decrypt(answer.body))
         assert set(members) == {"etc/munge/munge.key", "etc/sssd/sssd.conf", MANIFEST_MEMBER}
-        key = members["etc/munge/munge.key"]
+        key, data = members["etc/munge/munge.key"]
         assert (key.mode, key.uname, key.gname) == (0o400, "munge", "munge")
-        assert (members["etc/sssd/sssd.conf"].mode, members["etc/sssd/sssd.conf"].uname) == (0o600, "root")
+        assert (members["etc/sssd/sssd.conf"][0].mode, members["etc/sssd/sssd.conf"][0].uname) == (0o600, "root")
         rendered = site.state_dir / "service/bundles/r1n01/files/etc/munge/munge.key"
-        extracted = tar.extractfile(key)
-        assert extracted is not None and extracted.read() == rendered.read_bytes()
-        manifest_file = tar.extractfile(members[MANIFEST_MEMBER])
-        assert manifest_file is not None
-        assert json.loads(manifest_file.read())["services"] == ["munge", "sssd", "slurmd"]
+        assert data == rendered.read_bytes()
+        assert json.loads(members[MANIFEST_MEMBER][1])["services"] == ["munge", "sssd", "slurmd"]
 
         # A re-rendered bundle is served at the next request.
         rendered.write_bytes(SECRET + b"rotated")
         again = await client.bundle(await client.join_request(node), node.ip)
-        tar = tarfile.open(fileobj=io.BytesIO(node.decrypt(again.body)))
-        extracted = tar.extractfile("etc/munge/munge.key")
-        assert extracted is not None and extracted.read() == SECRET + b"rotated"
+        assert untar(node.decrypt(again.body))["etc/munge/munge.key"][1] == SECRET + b"rotated"
 
         nonce = (await client.challenge("r1n01", node.ip)).json()["nonce"]
         report = {"node": "r1n01", "boot_id": node.boot_id, "nonce": nonce, "status": "joined", "step": "slurmd"}
@@ -420,7 +425,7 @@ def test_service_run_cli_serves_until_sigterm(
     lab: tuple[Site, Path], nodes: dict[str, FakeNode], tmp_path: Path
 ) -> None:
     """``provision service run --json``: a foreground process for a systemd unit."""
-    site, root = lab
+    site, _ = lab
     inv = tmp_path / "inventory"
     shutil.copytree(site.path, inv)
     settings = json.loads((inv / "group_vars" / "all.yml").read_text())
