@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from provision.cli.context import AppContext, emit_json, pass_app
@@ -24,8 +26,7 @@ def run(app: AppContext, as_json: bool) -> None:
     bundles from <provision_state_dir>/service/bundles and writes its status
     to <provision_state_dir>/service/status.json.
     """
-    from provision.service import JoinService
-    from provision.service import run as run_service
+    from provision.service.server import JoinService, serve_forever
 
     def ready(svc: JoinService) -> None:
         host, port = svc.address
@@ -43,6 +44,6 @@ def run(app: AppContext, as_json: bool) -> None:
             click.echo(
                 f"join service on http://{host}:{port}/v1/ for {len(svc.nodes)} nodes ({len(svc.consoles)} consoles)"
             )
-        click.get_text_stream("stdout").flush()
+        sys.stdout.flush()  # systemd and tests read the line at once
 
-    run_service(app.site, on_ready=ready)
+    serve_forever(app.site, on_ready=ready)

@@ -70,7 +70,7 @@ from __future__ import annotations
 
 from provision.inventory import Site
 from provision.service.errors import BundleError, JoinServiceError
-from provision.service.server import NAMESPACE, JoinService, join_message, report_message, run
+from provision.service.server import NAMESPACE, JoinService, join_message, report_message, serve_forever
 from provision.service.settings import JoinSettings
 from provision.service.state import Event, EventKind, NodeRecord, ServiceStatus, read_status
 
@@ -87,7 +87,7 @@ __all__ = [
     "join_message",
     "read_status",
     "report_message",
-    "run",
+    "serve_forever",
     "site_status",
 ]
 

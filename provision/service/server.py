@@ -285,7 +285,7 @@ class JoinService:
         self.state.write()
 
 
-def run(site: Site, *, on_ready: Callable[[JoinService], None] | None = None) -> None:
+def serve_forever(site: Site, *, on_ready: Callable[[JoinService], None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT (``provision service run``, a systemd unit's foreground process)."""
 
     async def main() -> None:
