@@ -32,7 +32,7 @@ from provision.errors import BootError
 from provision.lab.netns import Netns
 from provision.probe import ProbeError, ssh_answers
 
-KEY = "AAAAC3NzaC1lZDI1NTE5AAAAIHq0dXJ0bGVzYWxsdGhld2F5ZG93bnR1cnRsZXNhbGw"
+KEY = "AAAAC3NzaC1lZDI1NTE5AAAAIHR1cnRsZXNhbGx0aGV3YXlkb3dudHVydGxlc2FsbCEh"  # a well-formed ssh-ed25519 public key
 
 
 # -- console ------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from provision.cli import image as image_cmd
 from provision.cli import inventory as inventory_cmd
 from provision.cli import lab as lab_cmd
 from provision.cli import node as node_cmd
+from provision.cli import service as service_cmd
 from provision.cli.context import AppContext
 
 
@@ -65,3 +66,4 @@ cli.add_command(node_cmd.node)
 cli.add_command(grendel_cmd.grendel)
 cli.add_command(boot_cmd.boot)
 cli.add_command(lab_cmd.lab)
+cli.add_command(service_cmd.service)

@@ -1,0 +1,49 @@
+"""``provision service``: the join service that hands booting nodes their join bundles."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from provision.cli.context import AppContext, emit_json, pass_app
+from provision.cli.options import json_output
+
+
+@click.group()
+def service() -> None:
+    """The join service: each node fetches its join bundle at every boot (pinned by its console)."""
+
+
+@service.command()
+@json_output
+@pass_app
+def run(app: AppContext, as_json: bool) -> None:
+    """Serve in the foreground until SIGTERM or Ctrl-C (for a systemd unit).
+
+    Listens on provision_join_address:provision_join_port (default: the boot
+    address, port 8740), follows every node's provision_console_log, serves
+    bundles from <provision_state_dir>/service/bundles and writes its status
+    to <provision_state_dir>/service/status.json.
+    """
+    from provision.service.server import JoinService, serve_forever
+
+    def ready(svc: JoinService) -> None:
+        host, port = svc.address
+        info = {
+            "address": host,
+            "port": port,
+            "nodes": len(svc.nodes),
+            "consoles": len(svc.consoles),
+            "bundles": str(svc.settings.bundles_dir),
+            "status": str(svc.settings.status_file),
+        }
+        if as_json:
+            emit_json(info)
+        else:
+            click.echo(
+                f"join service on http://{host}:{port}/v1/ for {len(svc.nodes)} nodes ({len(svc.consoles)} consoles)"
+            )
+        sys.stdout.flush()  # systemd and tests read the line at once
+
+    serve_forever(app.site, on_ready=ready)
