@@ -1,6 +1,6 @@
 """A client for Grendel's REST API, classic and v0.2.
 
-Two API generations are in use (see /work/shared/grendel/NOTES.md §1):
+Two API generations are in use (their contract as provision uses it: tests/contract/):
 
 * **classic** — ubccr/grendel v0.0.x and the SquareFactory fork 0.8.x that
   ClusterFactory deploys: ``/v1/host…``, ``/v1/bootimage…``, no auth, usually
