@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from provision.bmc import PowerAction, fanout_options, power_nodes
 from provision.inventory import Bmc, Node, Secret
-from provision.vbmc import VbmcFleet, free_udp_ports, make_specs
+from provision.lab.vbmc import VbmcFleet, free_udp_ports, make_specs
 
 PASSWORD = "bench-pw-" + os.urandom(4).hex()
 USER = "admin"

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from provision.boot.builtin import BuiltinBackend
-from provision.netns import Netns
+from provision.lab.netns import Netns
+from provision.proc import netns_argv, run, spawn
 
 SERVER = "10.99.0.1"
 PY_PORT = 8000
@@ -56,7 +57,7 @@ def fetch_all(ns: str, url: str, clients: int, expected: int) -> float:
     """Seconds for ``clients`` concurrent full downloads of ``url``; checks every size."""
     script = f'for i in $(seq {clients}); do curl -s -o /dev/null -w "%{{size_download}}\\n" {url} & done; wait'
     start = time.perf_counter()
-    out = subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", script], capture_output=True, text=True, check=True)
+    out = run(netns_argv(ns, ["sh", "-c", script]))
     elapsed = time.perf_counter() - start
     sizes = [int(s) for s in out.stdout.split()]
     if len(sizes) != clients or any(s != expected for s in sizes):
@@ -100,17 +101,12 @@ def main() -> None:
             ns.add_bridge("br0", addresses=(f"{SERVER}/24",))
             backend.add_store_version(tmp / "store", "bench", "v1")
             backend.serve()
-            py_server = subprocess.Popen(
-                ["ip", "netns", "exec", ns_name, sys.executable, "-m", "http.server", str(PY_PORT),
-                 "--bind", SERVER, "--directory", str(vdir)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+            py_argv = [sys.executable, "-m", "http.server", str(PY_PORT), "--bind", SERVER, "--directory", vdir]
+            py_server = spawn(netns_argv(ns_name, py_argv), log_path=tmp / "http.server.log")
             nginx_url = f"http://{SERVER}/images/bench/v1/rootfs.squashfs"
             py_url = f"http://{SERVER}:{PY_PORT}/rootfs.squashfs"
             for _ in range(100):  # wait for http.server to listen
-                probe = subprocess.run(
-                    ["ip", "netns", "exec", ns_name, "curl", "-s", "-o", "/dev/null", "-r", "0-0", py_url], check=False
-                )
+                probe = run(netns_argv(ns_name, ["curl", "-s", "-o", "/dev/null", "-r", "0-0", py_url]), check=False)
                 if probe.returncode == 0:
                     break
                 time.sleep(0.1)
@@ -150,22 +146,8 @@ def main() -> None:
             print(f"  server CPU per byte, http.server / nginx: {ratio:.2f}x")
             codes = {}
             for name, (url, _) in servers.items():
-                argv = [
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns_name,
-                    "curl",
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-r",
-                    "0-99",
-                    "-w",
-                    "%{http_code}",
-                    url,
-                ]
-                codes[name] = subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+                argv = netns_argv(ns_name, ["curl", "-s", "-o", "/dev/null", "-r", "0-99", "-w", "%{http_code}", url])
+                codes[name] = run(argv, check=False).stdout
             print("  range request (bytes 0-99): " + ", ".join(f"{n}: HTTP {c}" for n, c in codes.items()))
         finally:
             if py_server is not None:

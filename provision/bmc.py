@@ -1,42 +1,34 @@
-"""BMC control: power and boot device.
-
-``BmcClient`` is the interface for one BMC; ``IpmiClient`` implements it over
-IPMI v2.0 LAN (RMCP+, "lanplus") with provision.ipmi, our own event-driven
-client, and a later issue adds a Redfish client behind the same interface.
-``connect(node.bmc)`` picks the implementation from the inventory's
-``provision_bmc_protocol``.
+"""BMC control over many nodes: power and boot device.
 
 Over many nodes (``power_nodes``, ``bootdev_nodes``, ``bootdev_get_nodes``)
 there is no per-node client: every session of a batch runs in one thread on
 one socket (provision.ipmi.runner), a few packets and a few HMACs per node,
 so a rack's worth of BMCs is answered in about the time the slowest one
 takes. provision.fanout still cuts the work into batches (``--batch``,
-``--batch-wait``) and, if asked, worker processes.
+``--batch-wait``) and, if asked, worker processes. The inventory's
+``provision_bmc_protocol`` picks the protocol; IPMI v2.0 LAN (RMCP+,
+"lanplus") is the one implemented, a later issue adds Redfish.
 
 The operations are the standard chassis commands (Get Chassis Status,
 Chassis Control, Get/Set System Boot Options), as FreeIPMI's ipmipower uses,
-written once as generators of IPMI requests (``power_operation``...) and run
-by either path. Cipher suite 17 is proposed, suite 3 accepted (on a "no
-cipher suite match" answer, or when the BMC answers a suite 17 proposal with
-suite 3's algorithms, as pyghmi's server does); nothing else, never suite 0.
-Sessions ask for operator privilege, enough for every operation here.
+written once as generators of IPMI requests (``power_operation``...).
+Cipher suite 17 is proposed, suite 3 accepted (on a "no cipher suite match"
+answer, or when the BMC answers a suite 17 proposal with suite 3's
+algorithms, as pyghmi's server does); nothing else, never suite 0. Sessions
+ask for operator privilege, enough for every operation here.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from types import TracebackType
 from typing import Any
 
 from provision.errors import BmcError
 from provision.fanout import FanoutOptions, Outcome, fan_out_batches
 from provision.inventory import Bmc, BmcProtocol, Node
-from provision.ipmi.client import Client
 from provision.ipmi.errors import AUTH_HINT, BmcAuthError, BmcUnreachableError, OperationError
 from provision.ipmi.runner import Task, run_tasks
 from provision.ipmi.session import Operation, Request
@@ -47,16 +39,13 @@ log = logging.getLogger(__name__)
 __all__ = [
     "AUTH_HINT",
     "BmcAuthError",
-    "BmcClient",
     "BmcUnreachableError",
     "BootDevice",
     "BootSetting",
-    "IpmiClient",
     "PowerAction",
     "PowerState",
     "bootdev_get_nodes",
     "bootdev_nodes",
-    "connect",
     "fanout_options",
     "power_nodes",
 ]
@@ -112,45 +101,8 @@ class BootSetting:
         return {"device": str(self.device), "persistent": self.persistent, "uefi": self.uefi}
 
 
-class BmcClient(ABC):
-    """One BMC: power and boot device. Use as a context manager."""
-
-    address: str
-
-    @abstractmethod
-    def power_status(self) -> PowerState: ...
-
-    @abstractmethod
-    def power(self, action: PowerAction) -> PowerState:
-        """Carry out ``action``; return the state the node is in or heads to."""
-
-    @abstractmethod
-    def set_boot_device(self, device: BootDevice, *, persistent: bool = False, uefi: bool = False) -> BootSetting: ...
-
-    @abstractmethod
-    def boot_device(self) -> BootSetting: ...
-
-    @abstractmethod
-    def close(self) -> None: ...
-
-    def __enter__(self) -> BmcClient:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-def connect(bmc: Bmc, *, timeout: float = 10.0) -> BmcClient:
-    """A logged-in client for ``bmc``, by its protocol (raises BmcError)."""
-    if bmc.protocol == BmcProtocol.IPMI:
-        return IpmiClient(bmc.address, bmc.user, bmc.password.reveal(), port=bmc.port, timeout=timeout)
-    raise _unsupported(bmc)
-
-
 # --------------------------------------------------------------------------
-# The operations, as IPMI requests (run by IpmiClient and by the fan-out)
+# The operations, as IPMI requests
 
 NETFN_CHASSIS = 0x00
 CMD_GET_CHASSIS_STATUS = 0x01
@@ -225,54 +177,6 @@ def boot_device_operation() -> Generator[Request, IpmiResponse, BootSetting]:
 
 
 # --------------------------------------------------------------------------
-# One BMC
-
-
-class IpmiClient(BmcClient):
-    """IPMI v2.0 over LAN: one RMCP+ session (provision.ipmi), closed by close()."""
-
-    def __init__(self, address: str, user: str, password: str, *, port: int = 623, timeout: float = 10.0) -> None:
-        self.address = address
-        self.port = port
-        self.timeout = timeout
-        self._client: Client | None = Client(address, user, password, port=port, timeout=timeout)
-        log.debug("%s: logged in (cipher suite %s)", self._client.where, self._client.cipher_suite)
-
-    def __repr__(self) -> str:
-        return f"IpmiClient({self.address}:{self.port})"
-
-    @property
-    def cipher_suite(self) -> int | None:
-        return self._client.cipher_suite if self._client else None
-
-    def _run(self, operation: Operation) -> Any:
-        if self._client is None:
-            raise BmcError(f"BMC {self.address}:{self.port}: client is closed")
-        return self._client.run(operation)
-
-    def power_status(self) -> PowerState:
-        state: PowerState = self._run(power_status_operation())
-        return state
-
-    def power(self, action: PowerAction) -> PowerState:
-        state: PowerState = self._run(power_operation(action))
-        return state
-
-    def set_boot_device(self, device: BootDevice, *, persistent: bool = False, uefi: bool = False) -> BootSetting:
-        setting: BootSetting = self._run(set_boot_operation(device, persistent=persistent, uefi=uefi))
-        return setting
-
-    def boot_device(self) -> BootSetting:
-        setting: BootSetting = self._run(boot_device_operation())
-        return setting
-
-    def close(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
-            client.close()
-
-
-# --------------------------------------------------------------------------
 # One operation over many nodes (the CLI's and the boot command's entry)
 
 
@@ -290,26 +194,6 @@ def _unsupported(bmc: Bmc) -> BmcError:
         f"BMC protocol {bmc.protocol} is not implemented yet",
         hint="set provision_bmc_protocol: ipmi for this node (Redfish support is planned)",
     )
-
-
-def node_power(node: Node, action: PowerAction, *, timeout: float = 10.0) -> dict[str, Any]:
-    """Carry out a power action on one node; a JSON-safe result."""
-    with connect(_require_bmc(node), timeout=timeout) as client:
-        return _power_result(action, client.power(action))
-
-
-def node_bootdev(
-    node: Node, device: BootDevice, *, persistent: bool = False, uefi: bool = False, timeout: float = 10.0
-) -> dict[str, Any]:
-    """Set the next boot device of one node, then read it back."""
-    with connect(_require_bmc(node), timeout=timeout) as client:
-        client.set_boot_device(device, persistent=persistent, uefi=uefi)
-        return client.boot_device().as_dict()
-
-
-def node_bootdev_get(node: Node, *, timeout: float = 10.0) -> dict[str, Any]:
-    with connect(_require_bmc(node), timeout=timeout) as client:
-        return client.boot_device().as_dict()
 
 
 def _power_result(action: PowerAction, state: PowerState) -> dict[str, Any]:
@@ -425,32 +309,3 @@ def bootdev_get_nodes(nodes: Sequence[Node], options: FanoutOptions | None = Non
     return _fan_out(
         nodes, lambda: _mapped(boot_device_operation(), BootSetting.as_dict), privileged=True, options=options, **hooks
     )
-
-
-# --------------------------------------------------------------------------
-# pyghmi, for provision.vbmc's server side only
-
-
-def install_recv_fix(pyghmi_session: Any) -> None:
-    """Make pyghmi's socket reads non-blocking per call, not per socket.
-
-    Used by the virtual BMCs (provision.vbmc runs pyghmi's server); the
-    client side of provision no longer uses pyghmi. pyghmi's I/O loop reads
-    with ``sock.setblocking(0); sock.recvfrom()`` while a sender calls
-    ``sock.setblocking(1); sock.sendto()`` on the same socket: when the two
-    interleave, the read blocks on an empty socket and every BMC of the
-    process stalls until a packet happens to arrive. Reading with
-    MSG_DONTWAIT gives the non-blocking read pyghmi intends whatever the
-    socket's mode. Nothing on the wire changes.
-    """
-    if getattr(pyghmi_session, "_provision_recv_fix", False):
-        return
-
-    def _io_recvfrom(mysocket: socket.socket, size: int) -> tuple[bytes, Any] | None:
-        try:
-            return mysocket.recvfrom(size, socket.MSG_DONTWAIT)
-        except OSError:
-            return None
-
-    pyghmi_session._io_recvfrom = _io_recvfrom
-    pyghmi_session._provision_recv_fix = True

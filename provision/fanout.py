@@ -1,41 +1,33 @@
-"""Run one operation over many nodes: bounded, batched, timed, retried.
+"""Run one operation over many nodes: batched, each failure kept to its node.
 
-``fan_out(items, task, ...)`` calls ``task(item)`` for every item with at most
-``fanout`` calls in flight (64 by default, as FreeIPMI's tools), optionally in
+``fan_out_batches(count, run_batch, ...)`` cuts items ``0..count-1`` into
 batches (``batch`` items, then ``batch_wait`` seconds before the next batch:
-on real racks, powering hundreds of nodes on at once trips breakers), with a
-per-item timeout and retries with exponential backoff on the errors the
-caller names. A failing item never stops the others: every item gets an
+on real racks, powering hundreds of nodes on at once trips breakers) and
+hands each batch to ``run_batch``, the caller's engine for a whole batch (the
+IPMI event loop of provision.ipmi, which runs every session of a batch in
+one thread, with at most ``fanout`` in flight, a per-item timeout and
+retries). A failing item never stops the others: every item gets an
 ``Outcome`` (ok or not, value, error and hint, seconds, attempts).
 
-Work runs on threads. A caller with its own engine for a whole batch (the
-IPMI event loop of provision.ipmi, which runs every session of a batch in one
-thread) passes it to ``fan_out_batches`` instead of a per-item task: batches,
-waits and worker processes stay here.
-
 With ``processes=N`` each batch is split over N forked worker processes,
-each with its share of the fan-out. Forked workers inherit the task and the
-items (nothing is pickled on the way in; outcomes come back pickled), so
-tasks may close over unpicklable state such as secrets. A library with
+each with its share of the fan-out. Forked workers inherit the engine and
+the items (nothing is pickled on the way in; outcomes come back pickled), so
+engines may close over unpicklable state such as secrets. A library with
 process-wide I/O state must reset it in the child (os.register_at_fork).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
 from provision.errors import ProvisionError
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -126,33 +118,6 @@ def batches(items: Sequence[T], size: int | None) -> Iterator[Sequence[T]]:
         yield items[start : start + size]
 
 
-def fan_out(
-    items: Sequence[T],
-    task: Callable[[T], Any],
-    *,
-    name: Callable[[T], str] = str,
-    options: FanoutOptions | None = None,
-    on_outcome: Callable[[Outcome], None] | None = None,
-    on_batch_wait: Callable[[int, float], None] | None = None,
-) -> list[Outcome]:
-    """``task(item)`` for every item, on threads; one Outcome per item, in item order."""
-    opts = options or FanoutOptions()
-
-    def run_batch(
-        indexes: list[int], fanout: int, report: Callable[[Outcome], None] | None
-    ) -> list[tuple[int, Outcome]]:
-        return _run_threads(items, task, name, opts, indexes, fanout, report)
-
-    return fan_out_batches(
-        len(items),
-        run_batch,
-        name_of=lambda i: name(items[i]),
-        options=opts,
-        on_outcome=on_outcome,
-        on_batch_wait=on_batch_wait,
-    )
-
-
 def fan_out_batches(
     count: int,
     run_batch: BatchRunner,
@@ -185,26 +150,6 @@ def fan_out_batches(
     return [outcomes[i] for i in range(count)]
 
 
-def _attempt(
-    task: Callable[[T], Any], item: T, name: str, opts: FanoutOptions, started: dict[int, float], index: int
-) -> Outcome:
-    t0 = time.monotonic()
-    started[index] = t0
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            value = task(item)
-            return Outcome(name, Result.OK, value=value, seconds=time.monotonic() - t0, attempts=attempt)
-        except Exception as exc:
-            if opts.retry_on and isinstance(exc, opts.retry_on) and attempt <= opts.retries:
-                delay = opts.backoff * 2 ** (attempt - 1)
-                log.debug("%s: attempt %d failed (%s); retrying in %.1f s", name, attempt, exc, delay)
-                time.sleep(delay)
-                continue
-            return failure_outcome(name, exc, time.monotonic() - t0, attempt)
-
-
 def failure_outcome(name: str, exc: BaseException, seconds: float, attempts: int) -> Outcome:
     """The Outcome of an item that raised ``exc``: message and hint of a ProvisionError."""
     if isinstance(exc, ProvisionError):
@@ -228,49 +173,6 @@ def timeout_outcome(name: str, timeout: float, seconds: float) -> Outcome:
     )
 
 
-def _run_threads(
-    items: Sequence[T],
-    task: Callable[[T], Any],
-    name: Callable[[T], str],
-    opts: FanoutOptions,
-    indexes: list[int],
-    workers: int,
-    report: Callable[[Outcome], None] | None,
-) -> list[tuple[int, Outcome]]:
-    """Run ``indexes`` on at most ``workers`` threads; enforce the timeout."""
-    timeout = opts.timeout
-    started: dict[int, float] = {}
-    results: list[tuple[int, Outcome]] = []
-    executor = ThreadPoolExecutor(max_workers=max(1, min(workers, len(indexes))), thread_name_prefix="fanout")
-    futures: dict[Future[Outcome], int] = {
-        executor.submit(_attempt, task, items[i], name(items[i]), opts, started, i): i for i in indexes
-    }
-    pending = set(futures)
-
-    def done_with(index: int, outcome: Outcome) -> None:
-        results.append((index, outcome))
-        if report:
-            report(outcome)
-
-    try:
-        while pending:
-            done, pending = wait(pending, timeout=0.05 if timeout else None, return_when=FIRST_COMPLETED)
-            for fut in done:
-                done_with(futures[fut], fut.result())
-            if timeout:
-                now = time.monotonic()
-                for fut in list(pending):
-                    index = futures[fut]
-                    begun = started.get(index)
-                    if begun is not None and now - begun > timeout:
-                        pending.discard(fut)
-                        done_with(index, timeout_outcome(name(items[index]), timeout, now - begun))
-    finally:
-        # Threads stuck past their timeout are abandoned, not waited for.
-        executor.shutdown(wait=False, cancel_futures=True)
-    return results
-
-
 def _shard_worker(shard: list[int], conn: Any) -> None:
     job = _FORKED_JOB
     assert job is not None
@@ -285,7 +187,7 @@ def _shard_worker(shard: list[int], conn: Any) -> None:
 
 
 def _run_processes(job: _Job, indexes: list[int], processes: int) -> list[tuple[int, Outcome]]:
-    """One forked worker per shard; each runs its shard on threads."""
+    """One forked worker per shard; each runs its shard with its share of the fan-out."""
     global _FORKED_JOB
     shards = [indexes[i::processes] for i in range(processes)]
     ctx = multiprocessing.get_context("fork")

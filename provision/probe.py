@@ -13,9 +13,9 @@ import socket
 import threading
 
 from provision.errors import ProvisionError
+from provision.proc import NETNS_DIR, netns_exists
 
 CLONE_NEWNET = 0x40000000
-NETNS_DIR = "/run/netns"
 
 
 class ProbeError(ProvisionError):
@@ -24,7 +24,7 @@ class ProbeError(ProvisionError):
 
 def _enter_netns(name: str) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(os.path.join(NETNS_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(NETNS_DIR / name, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if libc.setns(fd, CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
@@ -48,7 +48,7 @@ def ssh_answers(host: str, port: int = 22, *, netns: str | None = None, timeout:
     """True when ``host:port`` accepts a connection and greets with an SSH banner."""
     if netns is None:
         return _banner(host, port, timeout)
-    if not os.path.exists(os.path.join(NETNS_DIR, netns)):
+    if not netns_exists(netns):
         raise ProbeError(f"network namespace {netns} does not exist", hint="check provision_boot_netns")
     result: list[bool] = []
     failure: list[BaseException] = []

@@ -80,8 +80,13 @@ def spawn(
     log_path: str | os.PathLike[str],
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
+    pipe: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start a long-running process in its own session, output to log_path."""
+    """Start a long-running process in its own session, output to log_path.
+
+    With ``pipe``, stdin and stdout are pipes to the caller (a way to hand
+    over secrets and read a ready line); stderr alone goes to log_path.
+    """
     args = [os.fspath(a) for a in argv]
     log.debug("spawn: %s", shlex.join(args))
     with open(log_path, "ab") as out:
@@ -90,9 +95,9 @@ def spawn(
                 args,
                 env=base_env(env),
                 cwd=Path(cwd) if cwd else None,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
+                stdin=subprocess.PIPE if pipe else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if pipe else out,
+                stderr=out if pipe else subprocess.STDOUT,
                 start_new_session=True,
             )
         except FileNotFoundError as exc:

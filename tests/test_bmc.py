@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -11,16 +12,20 @@ from provision.bmc import (
     BmcAuthError,
     BmcUnreachableError,
     BootDevice,
-    IpmiClient,
+    BootSetting,
     PowerAction,
     PowerState,
+    boot_device_operation,
     bootdev_get_nodes,
     bootdev_nodes,
     fanout_options,
     power_nodes,
+    power_operation,
+    set_boot_operation,
 )
 from provision.inventory import Bmc, BmcProtocol, Node, Secret
-from provision.vbmc import VbmcFleet, VbmcSpec, free_udp_ports
+from provision.ipmi.client import Client
+from provision.lab.vbmc import VbmcFleet, VbmcSpec, free_udp_ports
 
 pytestmark = pytest.mark.integration
 
@@ -43,6 +48,38 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VbmcFleet]:
     ]
     with VbmcFleet(specs, tmp_path_factory.mktemp("vbmc"), per_process=8) as running:
         yield running
+
+
+class IpmiClient:
+    """One BMC over one kept session: provision.bmc's operations, one at a time."""
+
+    def __init__(self, address: str, user: str, password: str, *, port: int) -> None:
+        self._client = Client(address, user, password, port=port)
+
+    @property
+    def cipher_suite(self) -> int | None:
+        return self._client.cipher_suite
+
+    def power_status(self) -> PowerState:
+        return self.power(PowerAction.STATUS)
+
+    def power(self, action: PowerAction) -> PowerState:
+        state: PowerState = self._client.run(power_operation(action))
+        return state
+
+    def set_boot_device(self, device: BootDevice, *, persistent: bool, uefi: bool) -> BootSetting:
+        setting: BootSetting = self._client.run(set_boot_operation(device, persistent=persistent, uefi=uefi))
+        return setting
+
+    def boot_device(self) -> BootSetting:
+        setting: BootSetting = self._client.run(boot_device_operation())
+        return setting
+
+    def __enter__(self) -> IpmiClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._client.close()
 
 
 def port(fleet: VbmcFleet, name: str) -> int:

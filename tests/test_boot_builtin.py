@@ -28,7 +28,7 @@ from provision.boot.builtin import BuiltinBackend, BuiltinConfig, Service, mac_f
 from provision.cli.boot_server import builtin_backend, sync_site
 from provision.cli.main import cli
 from provision.errors import BootError, ValidationError
-from provision.netns import Netns
+from provision.lab.netns import Netns
 
 IMAGE = "base-debian12"  # an image defined under images/, so the inventory accepts it
 V1, V2 = "20260101-000000", "20260102-000000"

@@ -18,9 +18,9 @@ import pytest
 from provision.boot.base import BootHost
 from provision.boot.builtin import BuiltinBackend
 from provision.boot.events import Client, Phase, by_node, first_times, read_events
-from provision.netns import Netns
+from provision.lab.netns import Netns
+from provision.lab.vm import BootFrom, Machine, MachineSpec, Nic
 from provision.proc import spawn
-from provision.vm import BootFrom, Machine, MachineSpec, Nic
 
 pytestmark = pytest.mark.vm
 

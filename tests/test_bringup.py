@@ -26,7 +26,7 @@ from provision.boot.events import BootEvent, Client, Phase
 from provision.bringup import BootSettings, NodeBoot, Stage
 from provision.console import ConsoleLog
 from provision.errors import BootError
-from provision.netns import Netns
+from provision.lab.netns import Netns
 from provision.probe import ProbeError, ssh_answers
 
 KEY = "AAAAC3NzaC1lZDI1NTE5AAAAIHq0dXJ0bGVzYWxsdGhld2F5ZG93bnR1cnRsZXNhbGw"

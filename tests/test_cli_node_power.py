@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from provision.vbmc import VbmcFleet, VbmcSpec, free_udp_ports
+from provision.lab.vbmc import VbmcFleet, VbmcSpec, free_udp_ports
 
 pytestmark = pytest.mark.integration
 
@@ -220,7 +220,7 @@ def test_password_never_in_argv_logs_or_json(rack: tuple[VbmcFleet, Path]) -> No
     report = json.loads(result.stdout)
     assert {n["node"] for n in report["nodes"] if n["result"] == "ok"} == {*GOOD, "slow"}
     assert any("provision" in line and "power status" in line for line in seen)  # the watcher saw the CLI
-    assert any("provision.vbmc" in line for line in seen)
+    assert any("provision.lab.vbmc" in line for line in seen)
     assert all(PASSWORD not in line for line in seen)
     assert PASSWORD not in result.stdout
     assert PASSWORD not in result.stderr

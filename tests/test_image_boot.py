@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from provision.image.store import ImageVersion
-from provision.vm import BootFrom, Machine, MachineSpec, Nic
+from provision.lab.vm import BootFrom, Machine, MachineSpec, Nic
 
 pytestmark = pytest.mark.vm
 

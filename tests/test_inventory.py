@@ -131,6 +131,7 @@ BROKEN = [
     ("bmc-password-plain", lambda: {"hosts": with_host(provision_bmc_password="admin")}, "node02", "provision_bmc_password"),
     ("unknown-image", lambda: {"hosts": with_host(provision_image="windows95")}, "node02", "provision_image"),
     ("hostname-rfc952", lambda: {"hosts": {"all": {"children": {"rack_t1": {"hosts": {"node_02": {"provision_mac": "52:54:00:00:00:02", "provision_ip": "10.99.0.12"}}}}}}}, "node_02", "hostname"),
+    ("hostname-dotted", lambda: {"hosts": {"all": {"children": {"rack_t1": {"hosts": {"cn01.site": {"provision_mac": "52:54:00:00:00:02", "provision_ip": "10.99.0.12"}}}}}}}, "cn01.site", "hostname"),
     ("hostname-in-two-racks", lambda: {"hosts": {"all": {"children": {**VALID_HOSTS["all"]["children"], "rack_t3": {"hosts": {"node01": None}}}}}}, "node01", "hostname"),
     ("network-missing", lambda: {"all_vars": {k: v for k, v in VALID_ALL.items() if k != "provision_network"}}, "site", "provision_network"),
 ]  # fmt: skip
@@ -218,3 +219,18 @@ def test_help_reads_well(group: str) -> None:
     assert top.returncode == 0 and "--inventory" in top.stdout and group in top.stdout
     sub = run_provision(group, "--help")
     assert sub.returncode == 0 and "Usage: provision " + group in sub.stdout
+
+
+@pytest.mark.parametrize("name", ["cn01.site", "node_02", "1node", "-cn", "cn-", "x" * 64])
+def test_inventory_and_backends_share_one_host_name_rule(name: str) -> None:
+    """A name inventory check refuses is refused by every backend's record, with the same words."""
+    from provision.boot.base import check_host_name
+    from provision.errors import BootError
+    from provision.names import HOST_RULE, host_name_problem
+
+    problem = host_name_problem(name)
+    assert problem is not None
+    with pytest.raises(BootError) as err:
+        check_host_name(name)
+    assert problem in err.value.message and err.value.hint == HOST_RULE
+    assert host_name_problem("cn01") is None and check_host_name("CN01") == "cn01"

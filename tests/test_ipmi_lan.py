@@ -27,7 +27,7 @@ from provision.ipmi.crypto import SUITE_3, SUITE_17, CipherSuite, Rakp, SessionK
 from provision.ipmi.errors import AUTH_HINT, CIPHER_HINT, BmcAuthError, BmcUnreachableError
 from provision.ipmi.runner import Task, run_tasks
 from provision.ipmi.session import Operation, Request, SequenceWindow
-from provision.vbmc import VbmcFleet, VbmcSpec, free_udp_ports
+from provision.lab.vbmc import VbmcFleet, VbmcSpec, free_udp_ports
 
 PASSWORD = "ipmi-Lan-pw-4417"
 

@@ -36,7 +36,7 @@ from conftest import requires
 from test_ipmi_lan import FakeBmc
 
 from provision.ipmi import wire
-from provision.vbmc import free_udp_ports
+from provision.lab.vbmc import free_udp_ports
 
 pytestmark = pytest.mark.integration
 

@@ -24,7 +24,8 @@ import pytest
 from conftest import requires
 
 from provision.lab import ControlPlane, ControlPlaneConfig, ControlPlaneError, LabNode, Sandbox
-from provision.proc import run
+from provision.lab.control.render import write_slurm_conf
+from provision.proc import pid_alive, run
 
 CTL_ADDR = "10.77.0.1"
 NODE_ADDR = "10.77.0.11"
@@ -103,7 +104,8 @@ def test_prepare_writes_config_and_secrets(tmp_path: Path) -> None:
 
 def test_cgroups_option_switches_plugins(tmp_path: Path) -> None:
     cp = ControlPlane(tmp_path, ControlPlaneConfig(address="10.99.0.1", nodes=ONE, cgroups=True, config_overrides=True))
-    text = cp._jinja.get_template("slurm.conf.j2").render(**cp._slurm_vars())
+    write_slurm_conf(cp.paths, cp.config)
+    text = cp.slurm_conf.read_text()
     assert "ProctrackType=proctrack/cgroup" in text
     assert "TaskPlugin=task/cgroup,task/affinity" in text
     assert "SlurmdParameters=config_overrides" in text
@@ -276,17 +278,9 @@ def test_control_plane_serves_slurm_and_ldap_and_a_slurmd_joins(tmp_path: Path, 
     assert cp.sandbox.processes() == []
     assert node is not None and node.processes() == []
     for pid in pids.values():
-        assert pid is not None and not _running(pid)
+        assert pid is not None and not pid_alive(pid)
     assert cp.status() == {"munged": None, "slapd": None, "slurmctld": None}
     assert cp.stop() == []  # twice is fine
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @needs_root

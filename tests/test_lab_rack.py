@@ -25,8 +25,9 @@ import pytest
 from conftest import requires
 
 from provision.lab.rack import Rack, RackConfig, RackError
-from provision.vbmc import machine_spec_from_json, machine_spec_to_json
-from provision.vm import Accel, BootFrom, MachineSpec, Nic
+from provision.lab.vbmc import machine_spec_from_json, machine_spec_to_json
+from provision.lab.vm import Accel, BootFrom, MachineSpec, Nic
+from provision.proc import pid_alive
 
 PROVISION = str(Path(sys.executable).with_name("provision"))
 needs_root = requires(os.geteuid() == 0, "namespaces need root; CI runs the suite as root")
@@ -42,14 +43,6 @@ def provision(*args: str, env_extra: dict[str, str] | None = None) -> subprocess
 def _ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
     assert result.returncode == 0, f"rc={result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}"
     return result
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat_line.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _comms_in(netns: str) -> list[str]:
@@ -190,7 +183,7 @@ def test_lab_up_drive_and_down(tmp_path: Path) -> None:
 
         # reset: the same QEMU process is reset through its monitor (no boot device change pending).
         _ok(provision(*site, "node", "power", "reset", "--nodes", "r1n01"))
-        assert _alive(pid)
+        assert pid_alive(pid)
         assert json.loads((state / "vbmc" / "r1n01.json").read_text())["history"][-1] == "reset"
 
         # A second `lab up` on the same state dir, or on an existing namespace, is refused and changes nothing.
@@ -200,13 +193,13 @@ def test_lab_up_drive_and_down(tmp_path: Path) -> None:
         clash = provision("lab", "up", "--nodes", "1", "--netns", netns, "--state-dir", str(other))
         assert clash.returncode == 1 and f"network namespace {netns} already exists" in clash.stderr, clash.stderr
         assert not other.exists()
-        assert _alive(pid) and Path(f"/run/netns/{netns}").exists()
+        assert pid_alive(pid) and Path(f"/run/netns/{netns}").exists()
 
         _ok(provision(*site, "node", "power", "off", "--nodes", "r1n01"))
         deadline = time.monotonic() + 5
-        while _alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _alive(pid)
+        assert not pid_alive(pid)
     finally:
         down = provision("lab", "down", "--state-dir", str(state), "--json")
     _ok(down)
@@ -217,7 +210,7 @@ def test_lab_up_drive_and_down(tmp_path: Path) -> None:
     pids = [info["vbmc_pid"], *info["control"].values(), *info["boot"]["services"].values()]
     assert all(pids), pids
     for pid_ in pids:
-        assert not _alive(pid_), pid_
+        assert not pid_alive(pid_), pid_
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert "ltr101" not in links and "labbr0" not in links
     again = _ok(provision("lab", "down", "--state-dir", str(state), "--json"))
@@ -243,7 +236,7 @@ def test_failed_up_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert not Path(f"/run/netns/{netns}").exists()
     assert not state.exists()
     leftovers = subprocess.run(
-        ["pgrep", "-f", f"provision.vbmc --serve-stdin --state-dir {state}"], capture_output=True
+        ["pgrep", "-f", f"provision.lab.vbmc --serve-stdin --state-dir {state}"], capture_output=True
     )
     assert leftovers.returncode == 1, leftovers.stdout
 
@@ -260,5 +253,5 @@ def test_down_when_the_inventory_is_broken(tmp_path: Path) -> None:
     down = json.loads(_ok(provision("lab", "down", "--state-dir", str(state), "--json")).stdout)["removed"]
     assert any(item.startswith("boot:not stopped cleanly") for item in down), down
     pids = [info["vbmc_pid"], *info["control"].values(), *info["boot"]["services"].values()]
-    assert all(pids) and not any(_alive(p) for p in pids), pids
+    assert all(pids) and not any(pid_alive(p) for p in pids), pids
     assert not Path(f"/run/netns/{netns}").exists() and not state.exists()

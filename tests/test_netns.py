@@ -1,4 +1,4 @@
-"""provision.netns: namespaces, bridges and taps, removed exactly and idempotently (needs root)."""
+"""provision.lab.netns: namespaces, bridges and taps, removed exactly and idempotently (needs root)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from provision.netns import Netns, NetnsError, namespace_exists
+from provision.lab.netns import Netns, NetnsError
+from provision.proc import netns_exists
 
 pytestmark = pytest.mark.integration
 _counter = itertools.count()
@@ -36,7 +37,7 @@ def test_create_bridge_tap_and_teardown_twice(tmp_path: Path) -> None:
         # Idempotent: adding again changes nothing and does not fail.
         ns.add_bridge("br0", addresses=("10.99.0.1/24",))
         ns.add_tap("tap0", bridge="br0")
-        assert namespace_exists(name)
+        assert netns_exists(name)
         assert {"lo", "br0", "tap0", "tap1"} <= _ns_links(name)
         addrs = subprocess.run(
             ["ip", "-n", name, "-o", "addr", "show", "dev", "br0"], capture_output=True, text=True
@@ -53,7 +54,7 @@ def test_create_bridge_tap_and_teardown_twice(tmp_path: Path) -> None:
         # A fresh object that only knows the record file tears down what the first one made.
         removed = Netns(name, record=record).teardown()
     assert removed == ["tap:tap0", "tap:tap1", "bridge:br0", f"netns:{name}"]
-    assert not namespace_exists(name)
+    assert not netns_exists(name)
     assert not record.exists()
     assert Netns(name, record=record).teardown() == []  # twice: nothing left, no error
 
@@ -67,7 +68,7 @@ def test_teardown_keeps_a_namespace_it_did_not_create(tmp_path: Path) -> None:
         ns.add_tap("tap9")
         subprocess.run(["ip", "-n", name, "tuntap", "add", "dev", "other7", "mode", "tap"], check=True)
         assert ns.teardown() == ["tap:tap9"]
-        assert namespace_exists(name)
+        assert netns_exists(name)
         assert "other7" in _ns_links(name) and "tap9" not in _ns_links(name)
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=False)

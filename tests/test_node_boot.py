@@ -38,8 +38,8 @@ PROVISION = str(Path(sys.executable).with_name("provision"))
 needs_root = requires(os.geteuid() == 0, "namespaces, taps and QEMU need root; CI runs the suite as root")
 
 
-def provision(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")}
+def provision(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), **(env or {})}
     return subprocess.run(
         [PROVISION, *args], env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
     )
@@ -53,16 +53,19 @@ def _ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess
 class Lab:
     """A virtual rack for one test; ``down()`` always runs."""
 
-    def __init__(self, tmp_path: Path, nodes: int, store: Path) -> None:
+    def __init__(self, tmp_path: Path, nodes: int, store: Path, env: dict[str, str] | None = None) -> None:
         self.state = tmp_path / "lab"
+        self.env = env or {}
         self.netns = f"provtest-{uuid.uuid4().hex[:6]}"
         up = ["lab", "up", "--nodes", str(nodes), "--netns", self.netns, "--state-dir", str(self.state)]
-        self.status = json.loads(_ok(provision(*up, "--image-store", str(store), "--json")).stdout)
+        self.status = json.loads(_ok(provision(*up, "--image-store", str(store), "--json", env=self.env)).stdout)
         self.inventory = Path(self.status["inventory"])
         self.vault = self.status["vault_password_file"]
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return provision("-i", str(self.inventory), "--vault-password-file", self.vault, *args, timeout=timeout)
+        return provision(
+            "-i", str(self.inventory), "--vault-password-file", self.vault, *args, timeout=timeout, env=self.env
+        )  # fmt: skip
 
     def control(self, tool: str, *args: str) -> str:
         binary = self.state / "control" / "bin" / tool
@@ -81,7 +84,7 @@ class Lab:
         return result.stdout
 
     def down(self) -> list[str]:
-        result = _ok(provision("lab", "down", "--state-dir", str(self.state), "--json"))
+        result = _ok(provision("lab", "down", "--state-dir", str(self.state), "--json", env=self.env))
         removed: list[str] = json.loads(result.stdout)["removed"]
         return removed
 
@@ -142,7 +145,10 @@ def test_boot_and_join_two_nodes(compute_image: ImageVersion, tmp_path: Path) ->
 
 @needs_root
 def test_faults_are_reported_per_node(compute_image: ImageVersion, tmp_path: Path) -> None:
-    lab = Lab(tmp_path, 3, compute_image.path.parents[1])
+    # The state dir comes from $PROVISION_STATE_DIR here, not the inventory: the
+    # host keys are pinned there and the join (playbooks/join.yml) finds them there.
+    elsewhere = tmp_path / "state-from-env"
+    lab = Lab(tmp_path, 3, compute_image.path.parents[1], env={"PROVISION_STATE_DIR": str(elsewhere)})
     try:
         good, dead_bmc, wrong_mac = lab.status["nodes"]
         hosts_file = lab.inventory / "hosts.yml"
@@ -163,6 +169,8 @@ def test_faults_are_reported_per_node(compute_image: ImageVersion, tmp_path: Pat
         assert report["summary"] == {"ok": 1, "failed": 2}
 
         assert by_name[good["name"]]["ok"] and by_name[good["name"]]["last_stage"] == "joined"
+        assert (elsewhere / "known_hosts" / good["name"]).read_text().startswith(good["name"] + " ssh-ed25519 ")
+        assert not (lab.state / "site" / "known_hosts").exists()
         states = dict(line.split() for line in lab.control("sinfo", "-h", "-N", "-o", "%N %T").splitlines())
         assert states[good["name"]] == "idle"
 

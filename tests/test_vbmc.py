@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from provision.vbmc import VbmcFleet, VbmcSpec, free_udp_ports, read_state
+from provision.lab.vbmc import VbmcFleet, VbmcSpec, free_udp_ports, read_state
 
 pytestmark = pytest.mark.integration
 
@@ -113,7 +113,7 @@ def test_power_cycle_of_an_off_node_is_refused_in_present_state(fleet: VbmcFleet
 
 HOOKS_SCRIPT = """
 import json, sys
-from provision.vbmc import SimulatedMachine, VbmcSpec, create, free_udp_ports
+from provision.lab.vbmc import SimulatedMachine, VbmcSpec, create, free_udp_ports
 
 class Recorder(SimulatedMachine):
     def __init__(self):
@@ -170,7 +170,7 @@ def test_module_entry_point_serves_until_terminated(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "provision.vbmc",
+            "provision.lab.vbmc",
             "--count",
             "2",
             "--base-port",
@@ -197,11 +197,11 @@ def test_module_entry_point_serves_until_terminated(tmp_path: Path) -> None:
 
 
 def test_qemu_machine_adapter_boots_the_device_the_bmc_chose() -> None:
-    """provision.vm.Machine behind a BMC: the boot device picks start(boot=...)."""
-    from provision.vbmc import QemuMachine
-    from provision.vm import BootFrom
+    """provision.lab.vm.Machine behind a BMC: the boot device picks start(boot=...)."""
+    from provision.lab.vbmc import QemuMachine
+    from provision.lab.vm import BootFrom
 
-    class FakeQemu:  # the shape of provision.vm.Machine, without QEMU
+    class FakeQemu:  # the shape of provision.lab.vm.Machine, without QEMU
         def __init__(self) -> None:
             self.calls: list[tuple[str, object]] = []
             self.is_running = False

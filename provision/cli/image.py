@@ -49,17 +49,7 @@ def _store(app: AppContext, store: Path | None) -> ImageStore:
 
 def _definition(app: AppContext, name: str | None) -> image_definition.ImageDefinition:
     site = _site(app)
-    if name is None:
-        if site is None or not site.default_image:
-            raise ImageError(
-                "no image named and no provision_default_image in the inventory",
-                hint="run `provision image build NAME` or set provision_default_image in group_vars/all",
-            )
-        name = site.default_image
-    loaded = image_definition.load(name, site_images_dir=site.settings.images_dir if site is not None else None)
-    if site is not None and site.settings.mirrors:
-        loaded = loaded.with_mirrors(dict(site.settings.mirrors))
-    return loaded
+    return image_definition.for_site(name, site.settings if site is not None else None)
 
 
 class RichProgress:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -148,15 +148,26 @@ def _signals_raise(run: _Run) -> Iterator[None]:
 
 
 def extravars_for(definition: ImageDefinition) -> dict[str, Any]:
-    """The variables the image playbook gets: the definition's, plus the build's own."""
+    """The build's own variables (extra vars: nothing may override them)."""
+    return {
+        "provision_image_build": True,
+        "provision_image_name": definition.name,
+        "provision_image_roles": list(definition.roles),
+    }
+
+
+def hostvars_for(definition: ImageDefinition, root: Path) -> dict[str, Any]:
+    """The image host's variables: role variables (the definition's win over the initramfs
+    section's), then the chroot connection, which no definition can change (their
+    ``ansible_*`` variables are refused when the definition is read)."""
     return {
         "stateless_dracut_modules": list(definition.initramfs.modules),
         "stateless_dracut_drivers": list(definition.initramfs.drivers),
         "stateless_dracut_compress": definition.initramfs.compression.value,
         **dict(definition.variables),
-        "provision_image_build": True,
-        "provision_image_name": definition.name,
-        "provision_image_roles": list(definition.roles),
+        "ansible_connection": "community.general.chroot",
+        "ansible_host": str(root),
+        "ansible_python_interpreter": "/usr/bin/python3",
     }
 
 
@@ -195,17 +206,7 @@ def _apply_roles(definition: ImageDefinition, root: Path, run: _Run) -> str:
             raise BuildInterrupted(f"build interrupted by {run.signal_name}; nothing was published")
         result = run_playbook(
             IMAGE_PLAYBOOK,
-            inventory={
-                "all": {
-                    "hosts": {
-                        "image": {
-                            "ansible_connection": "community.general.chroot",
-                            "ansible_host": str(root),
-                            "ansible_python_interpreter": "/usr/bin/python3",
-                        }
-                    }
-                }
-            },
+            inventory={"all": {"hosts": {"image": hostvars_for(definition, root)}}},
             extravars=extravars_for(definition),
             envvars={"ANSIBLE_PIPELINING": "1"},
             roles_path=[ROLES_DIR],
@@ -301,6 +302,3 @@ def build(
         squashfs_bytes=squashfs_bytes,
         seconds=time.monotonic() - started,
     )
-
-
-ProgressFactory = Callable[[], Progress]

@@ -20,11 +20,13 @@ import yaml
 
 from provision.catalog import ROLES_DIR, image_dirs
 from provision.errors import ImageError
+from provision.settings import SiteSettings
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _PACKAGE = re.compile(r"^[A-Za-z0-9@][A-Za-z0-9.+_:~=*-]*$")
 _ROLE = re.compile(r"^[a-z][a-z0-9_]*$")
 _VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_RESERVED_VAR_PREFIXES = ("ansible_", "provision_")
 _MIRROR_KEY = re.compile(r"^[a-z][a-z0-9_]*$")
 # Variable names that look secret: never copied into a manifest or a log.
 SECRET_NAME = re.compile(r"(password|passwd|secret|token|private|_key$|^key$|psk|credential)", re.IGNORECASE)
@@ -283,6 +285,14 @@ def parse(
     variables = _mapping(name, "vars", data.get("vars"))
     for var in variables:
         _str(name, "vars", var, pattern=_VAR, fix="variable names are identifiers (role-prefixed)")
+        if str(var).startswith(_RESERVED_VAR_PREFIXES):
+            # ansible_* would change where or as whom the build runs; provision_* belong to the build.
+            raise _fail(
+                name,
+                "vars",
+                f"{var} is reserved: image definitions set role variables only",
+                "remove it; where and how the build runs is not an image's choice",
+            )
     secret_vars = frozenset(_list(name, "secret_vars", data.get("secret_vars"), pattern=_VAR))
 
     cmdline = _list(name, "kernel_cmdline", data.get("kernel_cmdline"), pattern=re.compile(r"^\S+$"))
@@ -344,6 +354,24 @@ def find(name: str, site_images_dir: Path | None = None) -> Path:
             return candidate
     known = sorted({p.stem for d in image_dirs(site_images_dir) if d.is_dir() for p in d.glob("*.yml")})
     raise ImageError(f"no image definition {name!r}", hint=f"known images: {', '.join(known) or 'none'}")
+
+
+def for_site(name: str | None, settings: SiteSettings | None) -> ImageDefinition:
+    """The definition ``name`` as a site builds it: its images dir searched first, its mirrors applied.
+
+    ``name`` None means the site's ``provision_default_image``.
+    """
+    if name is None:
+        if settings is None or not settings.default_image:
+            raise ImageError(
+                "no image named and no provision_default_image in the inventory",
+                hint="run `provision image build NAME` or set provision_default_image in group_vars/all",
+            )
+        name = settings.default_image
+    definition = load(name, site_images_dir=settings.images_dir if settings else None)
+    if settings is not None and settings.mirrors:
+        definition = definition.with_mirrors(dict(settings.mirrors))
+    return definition
 
 
 def load(

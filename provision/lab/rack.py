@@ -4,12 +4,12 @@
 
 1. a network namespace with a bridge holding the provisioning server's
    address (``10.99.0.1/24`` and ``fd99::1/64``, inside the namespace only)
-   and one tap per machine (``provision.netns.Netns``);
+   and one tap per machine (``provision.lab.netns.Netns``);
 2. per machine a small blank raw disk and a ``MachineSpec`` (virtio NIC on
    its tap, whose iPXE ROM network-boots; serial console logged to a file;
    KVM when a probe shows it usable, TCG otherwise). Machines are *not*
    started: they are off until their BMC is told to power on;
-3. one process of virtual BMCs (``python -m provision.vbmc --serve-stdin``,
+3. one process of virtual BMCs (``python -m provision.lab.vbmc --serve-stdin``,
    its own session so it outlives the command) on 127.0.0.1, one UDP port per
    machine; the machine specs travel with the BMC specs on stdin, so that
    process owns the QEMU machines (power on starts QEMU inside the
@@ -40,11 +40,8 @@ import json
 import os
 import re
 import secrets
-import select
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -55,10 +52,12 @@ import netaddr
 import yaml
 
 from provision.errors import ProvisionError
+from provision.files import write_atomic
 from provision.lab.control import ControlPlane, ControlPlaneConfig, LabNode
-from provision.netns import Netns, namespace_exists
-from provision.vbmc import VbmcSpec, free_udp_ports, machine_spec_to_json, read_state
-from provision.vm import Accel, BootFrom, MachineSpec, Nic, detect_accel
+from provision.lab.netns import Netns
+from provision.lab.vbmc import VbmcSpec, free_udp_ports, machine_spec_to_json, read_state, ready_line, serve_process
+from provision.lab.vm import Accel, BootFrom, MachineSpec, Nic, detect_accel
+from provision.proc import netns_exists, pid_alive, run
 
 DEFAULT_STATE_DIR = Path(".state/lab")
 BMC_USER = "admin"
@@ -67,9 +66,7 @@ _RACK = re.compile(r"^[a-z0-9]{1,8}$")
 _NS = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 _CREATED = {
     "rack.json",
-    "rack.tmp",
     "netns.json",
-    "netns.tmp",
     "inventory",
     "secrets",
     "machines",
@@ -128,20 +125,6 @@ class RackConfig:
         return f"52:54:00:99:{(index + 1) // 256:02x}:{(index + 1) % 256:02x}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
 def _cmdline(pid: int) -> list[str]:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -159,10 +142,10 @@ def _kill(pids: list[int], grace: float = 5.0) -> list[int]:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in signalled):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in signalled):
         time.sleep(0.1)
     for pid in signalled:
-        if _alive(pid):
+        if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     for pid in signalled:
@@ -210,10 +193,7 @@ class Rack:
         return data
 
     def _save(self, data: dict[str, Any]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.record_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, self.record_path)
+        write_atomic(self.record_path, json.dumps(data, indent=2) + "\n")
 
     def _netns(self, name: str) -> Netns:
         return Netns(name, record=self.root / "netns.json")
@@ -233,7 +213,7 @@ class Rack:
             raise RackError("provision lab up needs root", hint="network namespaces and taps need CAP_NET_ADMIN")
         if self._record():
             raise RackError(f"a virtual rack is already recorded in {self.root}", hint="run `provision lab down` first")
-        if namespace_exists(config.netns):
+        if netns_exists(config.netns):
             raise RackError(
                 f"network namespace {config.netns} already exists",
                 hint="run `provision lab down`, or choose another --netns",
@@ -307,9 +287,7 @@ class Rack:
         secret_dir = self.vault_password_file.parent
         secret_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(secret_dir, 0o700)
-        fd = os.open(self.vault_password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(32) + "\n")
+        write_atomic(self.vault_password_file, secrets.token_urlsafe(32) + "\n", mode=0o600)
 
     @property
     def ssh_key(self) -> Path:
@@ -317,38 +295,20 @@ class Rack:
         return self.root / "secrets" / "ssh" / "id_ed25519"
 
     def _write_ssh_key(self) -> None:
-        from provision.proc import run
-
         self.ssh_key.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(self.ssh_key.parent, 0o700)
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "provision-lab", "-f", str(self.ssh_key)])
 
     def _start_vbmc(self, specs: list[MachineSpec], nodes: list[dict[str, Any]], password: str) -> int:
-        from provision.proc import base_env
-
         self.vbmc_dir.mkdir(parents=True, exist_ok=True)
         items = []
         for spec, node in zip(specs, nodes, strict=True):
             bmc = VbmcSpec(name=node["name"], port=node["bmc_port"], user=BMC_USER, password=password)
             items.append({**asdict(bmc), "suites": list(bmc.suites), "machine": machine_spec_to_json(spec)})
-        env = base_env({"PYTHONPATH": str(Path(__file__).resolve().parents[2])})
-        argv = [sys.executable, "-m", "provision.vbmc", "--serve-stdin", "--state-dir", str(self.vbmc_dir)]
-        with open(self.root / "vbmc.log", "ab") as log:
-            proc = subprocess.Popen(
-                argv,
-                env=env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-                start_new_session=True,
-            )
-        assert proc.stdin is not None and proc.stdout is not None
+        proc = serve_process(items, self.vbmc_dir, self.root / "vbmc.log")
         self._save({**self._record(), "vbmc_pid": proc.pid})
-        json.dump(items, proc.stdin)
-        proc.stdin.close()
-        ready, _, _ = select.select([proc.stdout], [], [], 30.0)
-        line = proc.stdout.readline().strip() if ready else ""
+        line = ready_line(proc, time.monotonic() + 30.0)
+        assert proc.stdout is not None
         proc.stdout.close()
         if not line.startswith("ready"):
             raise RackError(
@@ -461,12 +421,12 @@ class Rack:
             "state_dir": str(self.root),
             "rack": data["config"]["rack"],
             "netns": data["netns"],
-            "netns_exists": namespace_exists(data["netns"]),
+            "netns_exists": netns_exists(data["netns"]),
             "server_address": data["server_address"],
             "accel": data.get("accel"),
             "inventory": data.get("inventory"),
             "vault_password_file": str(self.vault_password_file),
-            "vbmc_pid": vbmc_pid if vbmc_pid and _alive(vbmc_pid) else None,
+            "vbmc_pid": vbmc_pid if vbmc_pid and pid_alive(vbmc_pid) else None,
             "control": control.status() if control and data.get("control") else {},
             "nodes": nodes,
         }
@@ -493,7 +453,7 @@ class Rack:
             except ProvisionError as exc:
                 removed.append(f"control:not stopped cleanly ({exc.message})")
         vbmc_pid = data.get("vbmc_pid")
-        if vbmc_pid and _alive(vbmc_pid) and "provision.vbmc" in _cmdline(vbmc_pid):
+        if vbmc_pid and pid_alive(vbmc_pid) and "provision.lab.vbmc" in _cmdline(vbmc_pid):
             removed += [f"vbmc:{pid}" for pid in _kill([vbmc_pid])]
         removed += [f"qemu:{pid}" for pid in _kill(self.qemu_pids(), grace=2.0)]
         netns_name = data.get("netns")

@@ -33,9 +33,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from provision.errors import ProvisionError
-from provision.proc import run, spawn
+from provision.proc import NETNS_DIR, netns_exists, pid_alive, run, spawn
 
-NETNS_DIR = Path("/run/netns")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 ANCHOR = "holder"
@@ -58,15 +57,6 @@ def _mnt_ns(pid: int) -> str | None:
         return os.readlink(f"/proc/{pid}/ns/mnt")
     except OSError:
         return None
-
-
-def _alive(pid: int) -> bool:
-    """True while pid runs; a zombie (exited, not yet reaped) counts as gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 class Sandbox:
@@ -107,7 +97,7 @@ class Sandbox:
     def anchor_pid(self) -> int | None:
         """The anchor's pid while it runs in the recorded namespace, else None."""
         pid = _read_pid(self._pid_file(ANCHOR))
-        if pid is None or not _alive(pid):
+        if pid is None or not pid_alive(pid):
             return None
         try:
             recorded = self._ns_file.read_text().strip()
@@ -122,7 +112,7 @@ class Sandbox:
         """The pid of a daemon started with spawn() while it still runs in this sandbox."""
         pid = _read_pid(self._pid_file(name))
         ns = self._namespace()
-        if pid is None or ns is None or not _alive(pid) or _mnt_ns(pid) != ns:
+        if pid is None or ns is None or not pid_alive(pid) or _mnt_ns(pid) != ns:
             return None
         return pid
 
@@ -146,7 +136,7 @@ class Sandbox:
             raise SandboxError(
                 f"sandbox {self.hostname} already runs (state in {self.state_dir})", hint="stop it first"
             )
-        if self.netns is not None and not (NETNS_DIR / self.netns).exists():
+        if self.netns is not None and not netns_exists(self.netns):
             raise SandboxError(
                 f"network namespace {self.netns!r} does not exist", hint=f"create it: ip netns add {self.netns}"
             )
@@ -225,7 +215,7 @@ class Sandbox:
             return []
         pids = []
         for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and _mnt_ns(int(entry.name)) == ns and _alive(int(entry.name)):
+            if entry.name.isdigit() and _mnt_ns(int(entry.name)) == ns and pid_alive(int(entry.name)):
                 pids.append(int(entry.name))
         return pids
 
@@ -256,10 +246,10 @@ class Sandbox:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, sig)
             deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and any(_alive(p) and _mnt_ns(p) == ns for p in pids):
+            while time.monotonic() < deadline and any(pid_alive(p) and _mnt_ns(p) == ns for p in pids):
                 time.sleep(0.05)
             _reap(pids)
-            if not any(_alive(p) and _mnt_ns(p) == ns for p in pids):
+            if not any(pid_alive(p) and _mnt_ns(p) == ns for p in pids):
                 break
         return pids
 

@@ -20,7 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from provision.errors import ProvisionError
-from provision.proc import spawn
+from provision.proc import netns_argv, spawn
 
 QEMU = "qemu-system-x86_64"
 # iPXE reaches this line in well under a second when the accelerator works.
@@ -147,9 +147,7 @@ class Machine:
             argv += ["-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", spec.append or ""]
         else:
             argv += ["-boot", "n" if boot is BootFrom.NETWORK else "c"]
-        if spec.netns:
-            argv = ["ip", "netns", "exec", spec.netns, *argv]
-        return argv
+        return netns_argv(spec.netns, argv)
 
     @property
     def pid(self) -> int | None:

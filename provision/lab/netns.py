@@ -17,7 +17,6 @@ twice or from another process that only knows the record file.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,9 +25,9 @@ from pathlib import Path
 import netaddr
 
 from provision.errors import ProvisionError
-from provision.proc import run
+from provision.files import write_atomic
+from provision.proc import netns_argv, netns_exists, run
 
-NETNS_DIR = Path("/run/netns")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _NSNAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -48,10 +47,6 @@ def _check_ifname(name: str, what: str) -> str:
     if not _IFNAME.match(name):
         raise NetnsError(f"{what} name {name!r} is not a valid interface name", hint="use 1-15 of [A-Za-z0-9_.-]")
     return name
-
-
-def namespace_exists(name: str) -> bool:
-    return (NETNS_DIR / name).exists()
 
 
 class Netns:
@@ -76,11 +71,8 @@ class Netns:
     def _save(self) -> None:
         if not self.record_path:
             return
-        self.record_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.record_path.with_suffix(".tmp")
         data = {"namespace": self.name, **self._record.__dict__}
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, self.record_path)
+        write_atomic(self.record_path, json.dumps(data, indent=2) + "\n")
 
     @property
     def created(self) -> tuple[str, ...]:
@@ -93,7 +85,7 @@ class Netns:
     # -- commands -------------------------------------------------------
     def exec_argv(self, argv: Sequence[str]) -> list[str]:
         """argv wrapped to run inside the namespace."""
-        return ["ip", "netns", "exec", self.name, *argv]
+        return netns_argv(self.name, argv)
 
     def _ip(self, *args: str, check: bool = True) -> str:
         proc = run(["ip", "-n", self.name, *args], check=False)
@@ -106,7 +98,7 @@ class Netns:
         return proc.stdout
 
     def exists(self) -> bool:
-        return namespace_exists(self.name)
+        return netns_exists(self.name)
 
     def link_exists(self, name: str) -> bool:
         return self.exists() and run(["ip", "-n", self.name, "link", "show", "dev", name], check=False).returncode == 0

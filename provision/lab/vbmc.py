@@ -31,7 +31,7 @@ The machine behind a BMC is a ``Machine``: anything with ``start()``,
 ``stop()``, ``reset()`` and ``is_running`` (attribute, property or method);
 optional ``shutdown()`` (ACPI soft off; else ``stop()``) and
 ``set_boot_device(device, persistent, uefi)``. ``QemuMachine`` adapts
-``provision.vm.Machine`` (the BMC's boot device picks what QEMU boots);
+``provision.lab.vm.Machine`` (the BMC's boot device picks what QEMU boots);
 ``SimulatedMachine`` is a power flag for tests. The fleet's processes run
 simulated machines unless a served spec carries a ``"machine"`` (a
 ``MachineSpec`` as JSON, see ``machine_spec_to_json``: the virtual rack does
@@ -51,15 +51,18 @@ import logging
 import os
 import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+from provision.files import write_atomic
+from provision.proc import spawn
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ CC_NOT_IN_PRESENT_STATE = 0xD5
 
 @runtime_checkable
 class Machine(Protocol):
-    """What a virtual BMC drives. ``provision.vm.Machine`` fits."""
+    """What a virtual BMC drives. ``provision.lab.vm.Machine`` fits."""
 
     def start(self) -> None: ...
 
@@ -121,7 +124,7 @@ class SimulatedMachine:
 
 
 class QemuMachine:
-    """Adapts ``provision.vm.Machine`` (QEMU) to a virtual BMC.
+    """Adapts ``provision.lab.vm.Machine`` (QEMU) to a virtual BMC.
 
     The BMC's boot device chooses ``start(boot=...)``: pxe boots from the
     network, disk from the disk, anything else the machine's own default.
@@ -138,7 +141,7 @@ class QemuMachine:
         self.boot = device if device in ("pxe", "disk") else None
 
     def _boot_from(self) -> Any:
-        from provision.vm import BootFrom
+        from provision.lab.vm import BootFrom
 
         return {"pxe": BootFrom.NETWORK, "disk": BootFrom.DISK}.get(self.boot or "")
 
@@ -199,13 +202,34 @@ def read_state(state_dir: Path, name: str) -> dict[str, Any]:
 # the project must not pull the server in).
 
 
+def install_recv_fix(pyghmi_session: Any) -> None:
+    """Make pyghmi's socket reads non-blocking per call, not per socket.
+
+    pyghmi's I/O loop reads with ``sock.setblocking(0); sock.recvfrom()``
+    while a sender calls ``sock.setblocking(1); sock.sendto()`` on the same
+    socket: when the two interleave, the read blocks on an empty socket and
+    every BMC of the process stalls until a packet happens to arrive.
+    Reading with MSG_DONTWAIT gives the non-blocking read pyghmi intends
+    whatever the socket's mode. Nothing on the wire changes.
+    """
+    if getattr(pyghmi_session, "_provision_recv_fix", False):
+        return
+
+    def _io_recvfrom(mysocket: socket.socket, size: int) -> tuple[bytes, Any] | None:
+        try:
+            return mysocket.recvfrom(size, socket.MSG_DONTWAIT)
+        except OSError:
+            return None
+
+    pyghmi_session._io_recvfrom = _io_recvfrom
+    pyghmi_session._provision_recv_fix = True
+
+
 def _server_classes() -> tuple[type[Any], type[Any]]:
     import pyghmi.ipmi.bmc as pyghmi_bmc
     import pyghmi.ipmi.private.constants as constants
     import pyghmi.ipmi.private.serversession as serversession
     import pyghmi.ipmi.private.session as ipmisession
-
-    from provision.bmc import install_recv_fix
 
     install_recv_fix(ipmisession)
 
@@ -417,11 +441,7 @@ def _server_classes() -> tuple[type[Any], type[Any]]:
         def write_state(self) -> None:
             if self.state_dir is None:
                 return
-            target = state_path(self.state_dir, self.spec.name)
-            fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=f".{self.spec.name}.")
-            with os.fdopen(fd, "w") as fh:
-                json.dump(self.state(), fh)
-            os.replace(tmp, target)
+            write_atomic(state_path(self.state_dir, self.spec.name), json.dumps(self.state()), mode=0o600)
 
         def record(self, event: str) -> None:
             self.history.append(event)
@@ -599,7 +619,7 @@ def _spec_to_json(spec: VbmcSpec) -> dict[str, Any]:
 
 
 def machine_spec_to_json(spec: Any) -> dict[str, Any]:
-    """A ``provision.vm.MachineSpec`` as JSON data (the ``"machine"`` key of a served BMC spec)."""
+    """A ``provision.lab.vm.MachineSpec`` as JSON data (the ``"machine"`` key of a served BMC spec)."""
     data = asdict(spec)
     data["nics"] = [asdict(nic) for nic in spec.nics]
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
@@ -607,7 +627,7 @@ def machine_spec_to_json(spec: Any) -> dict[str, Any]:
 
 def machine_spec_from_json(data: dict[str, Any]) -> Any:
     """The inverse of :func:`machine_spec_to_json`."""
-    from provision.vm import Accel, BootFrom, MachineSpec, Nic
+    from provision.lab.vm import Accel, BootFrom, MachineSpec, Nic
 
     paths = ("workdir", "kernel", "initrd", "disk")
     fields: dict[str, Any] = {k: (Path(v) if k in paths and v is not None else v) for k, v in data.items()}
@@ -642,7 +662,7 @@ def _serve_stdin(state_dir: Path) -> int:
             spec = VbmcSpec(**{**item, "suites": tuple(item["suites"])})
             machine = None
             if machine_data is not None:
-                from provision.vm import Machine as QemuVm
+                from provision.lab.vm import Machine as QemuVm
 
                 machine = QemuMachine(QemuVm(machine_spec_from_json(machine_data)))
                 machines.append(machine)
@@ -655,22 +675,42 @@ def _serve_stdin(state_dir: Path) -> int:
     return 0
 
 
+def serve_process(items: list[dict[str, Any]], state_dir: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``python -m provision.lab.vbmc --serve-stdin`` in its own session and hand it ``items``.
+
+    ``items`` are specs as JSON data, passwords included: they go through
+    stdin, never argv. Read the process's first line with :func:`ready_line`.
+    """
+    argv = [sys.executable, "-m", "provision.lab.vbmc", "--serve-stdin", "--state-dir", str(state_dir)]
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = spawn(argv, log_path=log_path, env=env, pipe=True)
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(items).encode())
+    proc.stdin.close()
+    return proc
+
+
+def ready_line(proc: subprocess.Popen[bytes], deadline: float) -> str:
+    """The first line a served process prints (``ready N`` or ``error: ...``); "" if none by ``deadline``."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+    return proc.stdout.readline().decode(errors="replace").strip() if ready else ""
+
+
 class VbmcFleet:
     """Virtual BMCs in separate processes; a context manager.
 
     ``per_process`` BMCs share a process (and its select loop); a BMC with
     the ``slow`` fault gets a process of its own so that its delay holds up
-    no other BMC. Each process is ``python -m provision.vbmc --serve-stdin``
-    and reads its specs, passwords included, from stdin: never from argv.
-    (A long-lived server cannot go through provision.proc.run(), which
-    waits; it gets the same clean environment from proc.base_env().)
+    no other BMC. Each process is started by :func:`serve_process` and logs
+    to ``state_dir/vbmc.log``.
     """
 
     def __init__(self, specs: Iterable[VbmcSpec], state_dir: Path, *, per_process: int = 100) -> None:
         self.specs = list(specs)
         self.state_dir = Path(state_dir)
         self.per_process = per_process
-        self.processes: list[subprocess.Popen[str]] = []
+        self.processes: list[subprocess.Popen[bytes]] = []
 
     def groups(self) -> list[list[VbmcSpec]]:
         slow = [[s] for s in self.specs if s.fault == "slow"]
@@ -678,27 +718,18 @@ class VbmcFleet:
         return [rest[i : i + self.per_process] for i in range(0, len(rest), self.per_process)] + slow
 
     def start(self, timeout: float = 60.0) -> VbmcFleet:
-        from provision.proc import base_env
-
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        env = base_env({"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
-        argv = [sys.executable, "-m", "provision.vbmc", "--serve-stdin", "--state-dir", str(self.state_dir)]
         groups = self.groups()
         for group in groups:
-            proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            self.processes.append(proc)
-            assert proc.stdin is not None
-            json.dump([_spec_to_json(s) for s in group], proc.stdin)
-            proc.stdin.close()
+            items = [_spec_to_json(s) for s in group]
+            self.processes.append(serve_process(items, self.state_dir, self.state_dir / "vbmc.log"))
         deadline = time.monotonic() + timeout
         for group, proc in zip(groups, self.processes, strict=True):
-            assert proc.stdout is not None
-            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            line = proc.stdout.readline().strip() if ready else ""
+            line = ready_line(proc, deadline)
             if not line.startswith("ready"):
                 self.stop()
                 why = line or f"not ready after {timeout} s"
-                raise RuntimeError(f"virtual BMCs {group[0].name}..: {why}")
+                raise RuntimeError(f"virtual BMCs {group[0].name}..: {why} (see {self.state_dir / 'vbmc.log'})")
         return self
 
     @property
@@ -731,8 +762,6 @@ class VbmcFleet:
 
 def free_udp_ports(count: int, address: str = "127.0.0.1") -> list[int]:
     """``count`` UDP ports free on ``address`` right now (the kernel picks them)."""
-    import socket
-
     sockets = []
     try:
         for _ in range(count):
@@ -756,12 +785,12 @@ def make_specs(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m provision.vbmc``: N virtual BMCs until SIGTERM or Ctrl-C.
+    """``python -m provision.lab.vbmc``: N virtual BMCs until SIGTERM or Ctrl-C.
 
     The password comes from the environment variable PROVISION_VBMC_PASSWORD
     (never from argv).
     """
-    parser = argparse.ArgumentParser(prog="python -m provision.vbmc", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m provision.lab.vbmc", description=main.__doc__)
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--base-port", type=int, default=16230)
     parser.add_argument("--user", default="admin")
