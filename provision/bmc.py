@@ -12,10 +12,12 @@ takes. provision.fanout still cuts the work into batches (``--batch``,
 The operations are the standard chassis commands (Get Chassis Status,
 Chassis Control, Get/Set System Boot Options), as FreeIPMI's ipmipower uses,
 written once as generators of IPMI requests (``power_operation``...).
-Cipher suite 17 is proposed, suite 3 accepted (on a "no cipher suite match"
-answer, or when the BMC answers a suite 17 proposal with suite 3's
-algorithms, as pyghmi's server does); nothing else, never suite 0. Sessions
-ask for operator privilege, enough for every operation here.
+Cipher suite 17 is proposed, suite 3 accepted (when the BMC refuses suite
+17's algorithms with any such status, or answers a suite 17 proposal with
+suite 3's algorithms, as pyghmi's server does); nothing else, never suite 0.
+Sessions ask for operator privilege, enough for every operation here.
+``bootdev_nodes`` reads the boot device back and fails a node whose BMC
+reports another setting than the one it acknowledged.
 """
 
 from __future__ import annotations
