@@ -12,10 +12,12 @@ takes. provision.fanout still cuts the work into batches (``--batch``,
 The operations are the standard chassis commands (Get Chassis Status,
 Chassis Control, Get/Set System Boot Options), as FreeIPMI's ipmipower uses,
 written once as generators of IPMI requests (``power_operation``...).
-Cipher suite 17 is proposed, suite 3 accepted (on a "no cipher suite match"
-answer, or when the BMC answers a suite 17 proposal with suite 3's
-algorithms, as pyghmi's server does); nothing else, never suite 0. Sessions
-ask for operator privilege, enough for every operation here.
+Cipher suite 17 is proposed, suite 3 accepted (when the BMC refuses suite
+17's algorithms with any such status, or answers a suite 17 proposal with
+suite 3's algorithms, as pyghmi's server does); nothing else, never suite 0.
+Sessions ask for operator privilege, enough for every operation here.
+``bootdev_nodes`` reads the boot device back and fails a node whose BMC
+reports another setting than the one it acknowledged.
 """
 
 from __future__ import annotations
@@ -164,7 +166,10 @@ def set_boot_operation(
 def boot_device_operation() -> Generator[Request, IpmiResponse, BootSetting]:
     what = "Get System Boot Options"
     data = _check((yield Request(NETFN_CHASSIS, CMD_GET_SYSTEM_BOOT_OPTIONS, bytes([5, 0, 0]), what)), what).data
-    if len(data) < 4 or data[1] & 0x80 or not data[2] & 0x80:
+    # Flags byte all zero with a device selector: a BMC that implements no
+    # flags (OpenIPMI's ipmi_sim) and boots the selector; read it as once, legacy.
+    no_flags = len(data) >= 4 and data[2] == 0 and (data[3] >> 2) & 0x0F
+    if len(data) < 4 or data[1] & 0x80 or not (data[2] & 0x80 or no_flags):
         return BootSetting(BootDevice.NONE)
     code = (data[3] >> 2) & 0x0F
     device = _BOOT_NAMES.get(code)
@@ -281,11 +286,24 @@ def bootdev_nodes(
     """Set the next boot device of every node and read it back (value: ``BootSetting.as_dict()``)."""
 
     def operation() -> Operation:
-        yield from set_boot_operation(device, persistent=persistent, uefi=uefi)
+        wanted = yield from set_boot_operation(device, persistent=persistent, uefi=uefi)
         setting = yield from boot_device_operation()
+        if setting != wanted and not (device == BootDevice.NONE == setting.device):  # acknowledged, not kept
+            raise OperationError(
+                f"boot device reads back as {_describe(setting)} after setting {_describe(wanted)}",
+                hint="the BMC does not keep this boot setting: check its firmware's boot options (or its web UI)",
+            )
         return setting.as_dict()
 
     return _fan_out(nodes, operation, privileged=True, options=options, **hooks)
+
+
+def _describe(setting: BootSetting) -> str:
+    if setting.device == BootDevice.NONE:
+        return "none"
+    return (
+        f"{setting.device} ({'persistent' if setting.persistent else 'once'}, {'UEFI' if setting.uefi else 'legacy'})"
+    )
 
 
 def bootdev_get_nodes(nodes: Sequence[Node], options: FanoutOptions | None = None, **hooks: Any) -> list[Outcome]:

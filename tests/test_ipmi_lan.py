@@ -26,7 +26,7 @@ from provision.ipmi.client import Client
 from provision.ipmi.crypto import SUITE_3, SUITE_17, CipherSuite, Rakp, SessionKeys, aes_pad, suite_for
 from provision.ipmi.errors import AUTH_HINT, CIPHER_HINT, BmcAuthError, BmcUnreachableError
 from provision.ipmi.runner import Task, run_tasks
-from provision.ipmi.session import Operation, Request
+from provision.ipmi.session import Operation, Request, SequenceWindow
 from provision.lab.vbmc import VbmcFleet, VbmcSpec, free_udp_ports
 
 PASSWORD = "ipmi-Lan-pw-4417"
@@ -323,16 +323,37 @@ def test_lost_datagrams_are_retransmitted(fleet: VbmcFleet) -> None:
     assert proxy.dropped >= 4  # open, RAKP1, RAKP3, the command: each sent twice
 
 
-class FakeBmc:
-    """Answers every Open Session Request with ``reply(request payload)``; nothing else."""
+V2_CAPABILITIES = bytes([1, 0x80, 0x04, 0x02, 0, 0, 0, 0])  # channel 1, IPMI v2.0 extended data: RMCP+
 
-    def __init__(self, reply: Callable[[bytes], bytes]) -> None:
+
+def capabilities_answer(request: bytes, data: bytes = V2_CAPABILITIES, code: int = 0) -> bytes:
+    """The IPMI 1.5 framed answer to a Get Channel Authentication Capabilities request (the whole datagram)."""
+    message = request[14:]
+    header = bytes([0x81, (wire.NETFN_APP + 1) << 2])
+    body = bytes([0x20, message[4], wire.CMD_GET_CHANNEL_AUTH_CAPABILITIES, code]) + data
+    answer = header + bytes([wire.checksum(header)]) + body + bytes([wire.checksum(body)])
+    return wire.build_v15_packet(answer)
+
+
+class FakeBmc:
+    """Answers Get Channel Authentication Capabilities, every Open Session Request with ``reply(request
+    payload)`` and, given ``rakp1``, every RAKP message 1 with ``rakp1(request payload)``. Keeps what came in."""
+
+    def __init__(
+        self,
+        reply: Callable[[bytes], bytes],
+        rakp1: Callable[[bytes], bytes] | None = None,
+        capabilities: Callable[[bytes], bytes | None] = capabilities_answer,
+    ) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(0.05)
         self.port = self.sock.getsockname()[1]
         self.reply = reply
+        self.rakp1 = rakp1
+        self.capabilities = capabilities
         self.proposals: list[tuple[int, int, int]] = []
+        self.received: list[wire.Packet] = []  # RMCP+ packets
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
@@ -343,12 +364,23 @@ class FakeBmc:
                 data, addr = self.sock.recvfrom(4096)
             except TimeoutError:
                 continue
+            if data[4:5] == bytes([wire.AUTH_NONE]):  # session-less, IPMI 1.5 framing
+                answer = self.capabilities(data)
+                if answer is not None:
+                    self.sock.sendto(answer, addr)
+                continue
             packet = wire.parse_packet(data)
-            if packet and packet.payload_type == wire.PAYLOAD_OPEN_REQUEST:
+            if packet is None:
+                continue
+            self.received.append(packet)
+            if packet.payload_type == wire.PAYLOAD_OPEN_REQUEST:
                 payload = packet.payload
                 self.proposals.append((payload[12], payload[20], payload[28]))
                 answer = self.reply(payload)
                 self.sock.sendto(wire.build_packet(wire.PAYLOAD_OPEN_RESPONSE, 0, 0, answer, None), addr)
+            elif packet.payload_type == wire.PAYLOAD_RAKP1 and self.rakp1 is not None:
+                answer = self.rakp1(packet.payload)
+                self.sock.sendto(wire.build_packet(wire.PAYLOAD_RAKP2, 0, 0, answer, None), addr)
 
     def close(self) -> None:
         self.stop.set()
@@ -382,15 +414,107 @@ def test_a_bmc_choosing_cipher_suite_0_is_refused() -> None:
 
 
 @pytest.mark.integration
-def test_no_matching_suite_tries_3_then_gives_up() -> None:
-    fake = FakeBmc(lambda request: bytes([request[0], wire.RMCP_NO_CIPHER_SUITE_MATCH, 0, 0]) + request[4:8])
+@pytest.mark.parametrize("status", [0x04, 0x05, 0x06, 0x07, 0x10, 0x11, 0x12])
+@pytest.mark.parametrize("short", [True, False], ids=["tag+status", "with-session-id"])
+def test_unsupported_algorithms_lead_to_suite_3_then_a_clear_refusal(status: int, short: bool) -> None:
+    """ipmi_sim and OpenBMC's netipmid answer SHA-256 with 0x04 in two bytes; others 0x11 in eight."""
+    fake = FakeBmc(lambda request: bytes([request[0], status]) + (b"" if short else bytes(2) + request[4:8]))
+    started = time.monotonic()
     try:
         with pytest.raises(BmcError) as info:
             Client("127.0.0.1", "admin", PASSWORD, port=fake.port, timeout=3)
     finally:
         fake.close()
-    assert "neither cipher suite 17 nor 3" in info.value.message and info.value.hint == CIPHER_HINT
+    assert time.monotonic() - started < 0.5  # it answered: no waiting for "no answer"
+    assert "refuses cipher suites 17 and 3" in info.value.message and info.value.hint == CIPHER_HINT
+    assert f"(0x{status:02x})" in info.value.message and "no answer" not in info.value.message
     assert fake.proposals == [(3, 4, 1), (1, 1, 1)]
+
+
+@pytest.mark.integration
+def test_another_refusal_is_reported_at_once() -> None:
+    fake = FakeBmc(lambda request: bytes([request[0], 0x01]))  # insufficient resources
+    try:
+        with pytest.raises(BmcError) as info:
+            Client("127.0.0.1", "admin", PASSWORD, port=fake.port, timeout=3)
+    finally:
+        fake.close()
+    assert info.value.message.endswith("session refused: insufficient resources to create a session (0x01)")
+    assert fake.proposals == [(3, 4, 1)]
+
+
+@pytest.mark.integration
+def test_a_channel_without_ipmi_v2_is_refused_before_any_session() -> None:
+    fake = FakeBmc(
+        _open_response((3, 4, 1)), capabilities=lambda r: capabilities_answer(r, bytes([1, 0x80, 4, 1, 0, 0, 0, 0]))
+    )
+    try:
+        with pytest.raises(BmcError) as info:
+            Client("127.0.0.1", "admin", PASSWORD, port=fake.port, timeout=3)
+    finally:
+        fake.close()
+    assert "does not offer IPMI v2.0 (RMCP+)" in info.value.message and fake.proposals == []
+
+
+@pytest.mark.integration
+def test_a_refused_capabilities_request_still_opens_a_session() -> None:
+    fake = FakeBmc(lambda request: bytes([request[0], 0x11]), capabilities=lambda r: capabilities_answer(r, b"", 0xCC))
+    try:
+        with pytest.raises(BmcError) as info:
+            Client("127.0.0.1", "admin", PASSWORD, port=fake.port, timeout=3)
+    finally:
+        fake.close()
+    assert "refuses cipher suites 17 and 3" in info.value.message and len(fake.proposals) == 2
+
+
+@pytest.mark.integration
+def test_answers_we_cannot_use_are_named_not_called_no_answer() -> None:
+    fake = FakeBmc(lambda request: bytes([request[0], 0]) + bytes(3))  # status 0 in 5 bytes: malformed
+    try:
+        with pytest.raises(BmcError) as info:
+            Client("127.0.0.1", "admin", PASSWORD, port=fake.port, timeout=1.5)
+    finally:
+        fake.close()
+    assert not isinstance(info.value, BmcUnreachableError)
+    assert "no usable answer to Open Session (cipher suite 17)" in info.value.message
+    assert "a malformed Open Session Response (5 bytes)" in info.value.message
+
+
+@pytest.mark.integration
+def test_silence_after_an_answer_says_what_was_answered() -> None:
+    fake = FakeBmc(_open_response((3, 4, 1)))  # never answers RAKP1
+    try:
+        with pytest.raises(BmcUnreachableError) as info:
+            Client("127.0.0.1", "admin", PASSWORD, port=fake.port, timeout=1.0)
+    finally:
+        fake.close()
+    message = info.value.message
+    assert "no answer to RAKP message 1" in message and "it answered Get Channel Authentication Capabilities" in message
+
+
+def test_sequence_window_rejects_replays_and_far_numbers() -> None:
+    window = SequenceWindow(16)
+    assert not window.accept(0)  # never valid for an authenticated packet
+    assert window.accept(5) and not window.accept(5)  # the first sets the start; a replay is refused
+    assert window.accept(7) and window.accept(6) and not window.accept(6)  # late but new: once
+    assert window.accept(23) and not window.accept(23 + 17)  # at most 16 ahead
+    assert not window.accept(7) and not window.accept(23 - 16)  # seen / fell out of the window
+    assert window.accept(23 - 15)  # within the window, never seen
+    wrap = SequenceWindow(16)
+    assert wrap.accept(0xFFFFFFFE) and wrap.accept(1) and not wrap.accept(0xFFFFFFFE)
+
+
+def test_short_error_answers_are_parsed() -> None:
+    assert wire.parse_open_session_response(b"\x07\x04") == wire.OpenSessionResponse(7, 4, None)
+    assert wire.parse_open_session_response(b"\x07\x00") is None  # success needs the whole answer
+    assert wire.parse_rakp2(b"\x08\x0d") == wire.Rakp2(8, 0x0D, None)
+    assert wire.parse_rakp4(b"\x09\x0f") == wire.Rakp4(9, 0x0F, None)
+    assert wire.parse_open_session_response(b"\x07") is None
+
+
+def test_rakp3_with_an_error_status_carries_no_code() -> None:
+    assert wire.rakp3(5, wire.RMCP_INVALID_ICV, 0x01020304, b"c" * 32) == bytes([5, 0x0F, 0, 0, 4, 3, 2, 1])
+    assert wire.rakp3(5, 0, 0x01020304, b"c" * 20).endswith(b"c" * 20)
 
 
 @pytest.mark.integration

@@ -7,10 +7,16 @@ sessions thus run in one thread, on one socket.
 
 Life of a session::
 
+    Get Channel Authentication Capabilities (IPMI 1.5 framing, as ipmitool
+        and ipmipower: some BMCs open no session before it) ──► answer: a
+        channel without IPMI v2.0 fails here; a refusal (completion code) is let pass
     Open Session Request (suite 17) ──► Open Session Response
-        │ status "no cipher suite match": propose suite 3 instead
+        │ a status for unsupported algorithms (0x04-0x07, 0x10-0x12): propose suite 3 instead
+        │ refused again: the BMC offers neither suite (BmcError, at once)
         │ the BMC chose suite 3 or 17 (whatever was proposed): follow it; anything else: refuse
-    RAKP1 (Rm, operator role, user) ──► RAKP2: check the BMC's HMAC (wrong password: BmcAuthError)
+    RAKP1 (Rm, operator role, user) ──► RAKP2: check the BMC's HMAC; on a mismatch
+        (wrong password, or not the BMC) RAKP3 carries status 0x0F and no
+        code, so that an impostor learns nothing to crack offline: BmcAuthError
     RAKP3 ──► RAKP4: check the ICV; keys K1/K2 derived (see crypto)
     [Set Session Privilege Level (operator) ──►]    for anything but reads at user level
     the operation's requests, one at a time ──► responses
@@ -23,11 +29,18 @@ request is retransmitted after ``retransmit`` seconds, then twice as long
 then the session fails with BmcUnreachableError. A retransmitted command
 keeps its IPMI sequence number (the BMC may recognise the duplicate) under a
 new session sequence number. Handshake messages are sent again unchanged.
+
+Authenticated replies pass a sliding window on their session sequence
+numbers (``SequenceWindow``): a replayed or far out-of-window packet is
+dropped even though its HMAC is good. HMACs are compared in constant time.
+A step that times out after the BMC sent only datagrams we could not use
+fails as a BmcError naming them, not as "no answer".
 """
 
 from __future__ import annotations
 
 import enum
+import hmac
 import logging
 import os
 from collections.abc import Callable, Generator
@@ -58,7 +71,10 @@ CLOSE_TIMEOUT = 2.0
 NETFN_APP = 0x06
 CMD_SET_SESSION_PRIVILEGE = 0x3B
 CMD_CLOSE_SESSION = 0x3C
-RAKP_INVALID_ICV = 0x0F
+RAKP_INVALID_ICV = wire.RMCP_INVALID_ICV
+RMCP_INVALID_SESSION_ID = 0x02
+SEQUENCE_WINDOW = 16
+PROTOCOL_HINT = "the BMC answers in a way this client does not understand; run with --debug and report it"
 
 
 @dataclass(frozen=True)
@@ -95,8 +111,42 @@ class Link(Protocol):
         """The session has an outcome, became idle or finished."""
 
 
+class SequenceWindow:
+    """Session sequence numbers of authenticated replies (IPMI v2.0 section 6.12.13).
+
+    A number is accepted once, up to ``size`` behind the highest seen or up
+    to ``size`` ahead of it (lost replies); the first sets the start. Zero is
+    never a valid number for an authenticated packet.
+    """
+
+    __slots__ = ("highest", "seen", "size")
+
+    def __init__(self, size: int = SEQUENCE_WINDOW) -> None:
+        self.size = size
+        self.highest = 0
+        self.seen = 0  # bit i: highest - i was received
+
+    def accept(self, sequence: int) -> bool:
+        if sequence == 0:
+            return False
+        if self.highest == 0:
+            self.highest, self.seen = sequence, 1
+            return True
+        ahead = (sequence - self.highest) & 0xFFFFFFFF
+        if 0 < ahead <= self.size:
+            self.highest = sequence
+            self.seen = ((self.seen << ahead) | 1) & ((1 << self.size) - 1)
+            return True
+        behind = (self.highest - sequence) & 0xFFFFFFFF
+        if behind < self.size and not (self.seen >> behind) & 1:
+            self.seen |= 1 << behind
+            return True
+        return False
+
+
 class State(enum.Enum):
     NEW = "new"
+    CAPABILITIES = "capabilities"
     OPENING = "opening"
     RAKP2 = "rakp2"
     RAKP4 = "rakp4"
@@ -160,6 +210,11 @@ class Session:
         self._interval = retransmit
         self._timer: Timer | None = None
         self._step_timeout = answer_timeout
+        self._step_what = ""  # what the current step waits for an answer to
+        self._answered: list[str] = []  # steps the BMC answered
+        self._unusable = ""  # the last datagram of this step we could not use
+        self._refusals: list[str] = []  # cipher suites refused, with the status
+        self._window = SequenceWindow()
 
     def __repr__(self) -> str:
         return f"Session({self.where}, {self.state.value}, suite={self.suite.number if self.suite else None})"
@@ -170,7 +225,7 @@ class Session:
         """Log in, then run ``operation`` (if any)."""
         self._operation = operation
         self._started = now
-        self._open(now, SUITE_17)
+        self._capabilities(now)
 
     def run(self, now: float, operation: Operation) -> None:
         """Run ``operation`` on an idle (logged-in) session."""
@@ -199,11 +254,18 @@ class Session:
         self._finish()
 
     def receive(self, raw: bytes, now: float) -> None:
-        packet = wire.parse_packet(raw)
-        if packet is None or self.state in (State.DONE, State.IDLE, State.NEW):
+        if self.state in (State.DONE, State.IDLE, State.NEW):
             return
-        kind = packet.payload_type
         try:
+            if self.state == State.CAPABILITIES:
+                self._got_capabilities(raw, now)
+                return
+            packet = wire.parse_packet(raw)
+            if packet is None:
+                if wire.session_less_message(raw) is None:  # not a late capabilities answer
+                    self._ignore(f"a {len(raw)}-byte datagram that is no RMCP+ packet")
+                return
+            kind = packet.payload_type
             if kind == wire.PAYLOAD_IPMI:
                 self._got_ipmi(packet, now)
             elif self.state == State.OPENING and kind == wire.PAYLOAD_OPEN_RESPONSE:
@@ -224,13 +286,7 @@ class Session:
                 log.debug("%s: no answer to Close Session", self.where)
                 self._finish()
                 return
-            what = f" to {self._request.what}" if self._request and self._request.what else ""
-            self._fail(
-                BmcUnreachableError(
-                    f"{self.where}: no answer{what} after {now - self._started:.1f} s", hint=UNREACHABLE_HINT
-                ),
-                now,
-            )
+            self._fail(self._timeout_error(now), now)
             return
         if self._request is not None:
             self._send_command(self._request)
@@ -239,6 +295,30 @@ class Session:
         self._interval = min(self._interval * 2, MAX_RETRANSMIT)
         self._arm(min(now + self._interval, self._step_started + self._step_timeout))
 
+    def _timeout_error(self, now: float) -> BmcError:
+        what = f" to {self._step_what}" if self._step_what else ""
+        after = f"after {now - self._started:.1f} s"
+        if self._unusable:
+            return BmcError(
+                f"{self.where}: no usable answer{what} {after}; the BMC sent {self._unusable}", hint=PROTOCOL_HINT
+            )
+        if self._answered:
+            return BmcUnreachableError(
+                f"{self.where}: no answer{what} {after} (it answered {', '.join(self._answered)})",
+                hint=UNREACHABLE_HINT,
+            )
+        return BmcUnreachableError(f"{self.where}: no answer{what} {after}", hint=UNREACHABLE_HINT)
+
+    def _ignore(self, what: str) -> None:
+        """A datagram from the BMC that this step cannot use (kept for the timeout's message)."""
+        log.debug("%s: ignored %s", self.where, what)
+        self._unusable = what
+
+    def _heard(self) -> None:
+        """The BMC answered the current step."""
+        if self._step_what and self._step_what not in self._answered:
+            self._answered.append(self._step_what)
+
     # ------------------------------------------------------------------ sending
 
     def _arm(self, when: float) -> None:
@@ -246,17 +326,19 @@ class Session:
             self._timer.cancel()
         self._timer = self.link.call_at(when, self._on_timer)
 
-    def _begin_step(self, now: float, timeout: float | None = None) -> None:
+    def _begin_step(self, now: float, what: str, timeout: float | None = None) -> None:
         self._step_started = now
+        self._step_what = what
+        self._unusable = ""
         self._interval = self.retransmit
         self._step_timeout = timeout if timeout is not None else self.answer_timeout
         self._arm(now + min(self._interval, self._step_timeout))
 
-    def _send_handshake(self, payload_type: int, payload: bytes, now: float) -> None:
+    def _send_handshake(self, payload_type: int, payload: bytes, now: float, what: str) -> None:
         self._request = None
         self._packet = wire.build_packet(payload_type, 0, 0, payload, None)
         self.link.send(self, self._packet)
-        self._begin_step(now)
+        self._begin_step(now, what)
 
     def _send_command(self, request: Request) -> None:
         assert self._keys is not None
@@ -268,9 +350,46 @@ class Session:
         self._rq_seq = (self._rq_seq + 1) & 0x3F
         self._request = request
         self._send_command(request)
-        self._begin_step(now, timeout)
+        self._begin_step(now, request.what, timeout)
 
     # ------------------------------------------------------------------ handshake
+
+    def _ours(self, tag: int, console_sid: int | None) -> bool:
+        """A handshake answer to our current message (a short error answer carries no session id)."""
+        return tag == self._tag and console_sid in (None, self._console_sid)
+
+    def _capabilities(self, now: float) -> None:
+        self.state = State.CAPABILITIES
+        self._request = None
+        self._rq_seq = (self._rq_seq + 1) & 0x3F
+        self._packet = wire.build_v15_packet(wire.channel_auth_capabilities_request(self._rq_seq, wire.PRIV_OPERATOR))
+        self.link.send(self, self._packet)
+        self._begin_step(now, "Get Channel Authentication Capabilities")
+
+    def _got_capabilities(self, raw: bytes, now: float) -> None:
+        message = wire.session_less_message(raw)
+        response = wire.parse_ipmi_response(message) if message is not None else None
+        if (
+            response is None
+            or response.netfn != NETFN_APP + 1
+            or response.command != wire.CMD_GET_CHANNEL_AUTH_CAPABILITIES
+        ):
+            self._ignore(f"a {len(raw)}-byte datagram that answers no Get Channel Authentication Capabilities")
+            return
+        if response.seq != self._rq_seq:
+            return  # an answer to an earlier attempt
+        self._heard()
+        capabilities = wire.parse_channel_auth_capabilities(response.data) if not response.code else None
+        if capabilities is not None and not capabilities.ipmi_v2:
+            raise BmcError(
+                f"{self.where}: the BMC's LAN channel does not offer IPMI v2.0 (RMCP+) sessions",
+                hint="enable IPMI over LAN v2.0 (RMCP+, cipher suite 17 or 3) on the BMC",
+            )
+        if response.code:  # e.g. a BMC that refuses the IPMI v2.0 bit: the Open Session tells
+            log.debug(
+                "%s: Get Channel Authentication Capabilities: %s", self.where, wire.completion_code(response.code)
+            )
+        self._open(now, SUITE_17)
 
     def _open(self, now: float, suite: CipherSuite) -> None:
         self.state = State.OPENING
@@ -278,20 +397,31 @@ class Session:
         self._tag = (self._tag + 1) & 0xFF
         self._console_sid = int.from_bytes(os.urandom(4), "little") or 1
         payload = wire.open_session_request(self._tag, wire.PRIV_OPERATOR, self._console_sid, suite.algorithms)
-        self._send_handshake(wire.PAYLOAD_OPEN_REQUEST, payload, now)
+        self._send_handshake(wire.PAYLOAD_OPEN_REQUEST, payload, now, f"Open Session (cipher suite {suite.number})")
 
     def _got_open_response(self, payload: bytes, now: float) -> None:
         response = wire.parse_open_session_response(payload)
-        if response is None or response.tag != self._tag or response.console_sid != self._console_sid:
+        if response is None:
+            self._ignore(f"a malformed Open Session Response ({len(payload)} bytes)")
             return
+        if not self._ours(response.tag, response.console_sid):
+            return
+        self._heard()
         if response.status:
-            if response.status == wire.RMCP_NO_CIPHER_SUITE_MATCH and self.suite is SUITE_17:
-                log.debug("%s: cipher suite 17 refused; proposing 3", self.where)
-                self._open(now, SUITE_3)
-                return
-            if response.status == wire.RMCP_NO_CIPHER_SUITE_MATCH:
-                raise BmcError(f"{self.where}: the BMC offers neither cipher suite 17 nor 3", hint=CIPHER_HINT)
-            raise BmcError(f"{self.where}: session refused: {wire.rmcp_status(response.status)}")
+            assert self.suite is not None
+            text = wire.rmcp_status(response.status)
+            if response.status in wire.RMCP_UNSUPPORTED_ALGORITHM:
+                self._refusals.append(f"suite {self.suite.number}: {text}")
+                if self.suite is SUITE_17:
+                    log.debug("%s: cipher suite 17 refused (%s); proposing 3", self.where, text)
+                    self._open(now, SUITE_3)
+                    return
+                raise BmcError(
+                    f"{self.where}: the BMC refuses cipher suites 17 and 3, the only ones accepted "
+                    f"({'; '.join(self._refusals)})",
+                    hint=CIPHER_HINT,
+                )
+            raise BmcError(f"{self.where}: session refused: {text}")
         suite = suite_for(response.algorithms)
         if suite is None:
             raise BmcError(
@@ -307,15 +437,22 @@ class Session:
         self._tag = (self._tag + 1) & 0xFF
         self.state = State.RAKP2
         role = wire.NAME_ONLY_LOOKUP | wire.PRIV_OPERATOR
-        self._send_handshake(wire.PAYLOAD_RAKP1, wire.rakp1(self._tag, self._bmc_sid, self._rm, role, self.user), now)
+        self._send_handshake(
+            wire.PAYLOAD_RAKP1, wire.rakp1(self._tag, self._bmc_sid, self._rm, role, self.user), now, "RAKP message 1"
+        )
 
     def _got_rakp2(self, payload: bytes, now: float) -> None:
         message = wire.parse_rakp2(payload)
-        if message is None or message.tag != self._tag or message.console_sid != self._console_sid:
+        if message is None:
+            self._ignore(f"a malformed RAKP message 2 ({len(payload)} bytes)")
+            return
+        if not self._ours(message.tag, message.console_sid):
             return
         if message.status:
-            if message.status == 0x02:  # invalid session id: a stale exchange; wait for the retransmission
+            if message.status == RMCP_INVALID_SESSION_ID:  # a stale exchange; wait for the retransmission
+                self._ignore(f"RAKP message 2 with status {wire.rmcp_status(message.status)}")
                 return
+            self._heard()
             text = wire.rmcp_status(message.status)
             if message.status in (0x09, 0x0A, 0x0B):
                 raise BmcAuthError(f"{self.where}: authentication failed ({text} for operator)", hint=PRIVILEGE_HINT)
@@ -333,17 +470,21 @@ class Session:
             role=wire.NAME_ONLY_LOOKUP | wire.PRIV_OPERATOR,
             user=self.user,
         )
-        if rakp.rakp2_code(self._kuid) != message.code:
-            # Tell the BMC (it frees the session), then give up: no retry can fix a password.
-            code = rakp.rakp3_code(self._kuid)
+        self._heard()
+        if not hmac.compare_digest(rakp.rakp2_code(self._kuid), message.code):
+            # Tell the BMC (it frees the session) with an error status and no
+            # key exchange code: a peer that is not the BMC gets nothing made
+            # from the password. Then give up: no retry can fix a password.
+            self._tag = (self._tag + 1) & 0xFF
             self.link.send(
                 self,
                 wire.build_packet(
-                    wire.PAYLOAD_RAKP3, 0, 0, wire.rakp3(self._tag + 1, RAKP_INVALID_ICV, self._bmc_sid, code), None
+                    wire.PAYLOAD_RAKP3, 0, 0, wire.rakp3(self._tag, RAKP_INVALID_ICV, self._bmc_sid), None
                 ),
             )
             raise BmcAuthError(
-                f"{self.where}: authentication failed (incorrect password: the BMC's RAKP2 code does not match)",
+                f"{self.where}: authentication failed (the BMC's RAKP2 code does not match: "
+                "incorrect password, or not the BMC)",
                 hint=AUTH_HINT,
             )
         self._rakp = rakp
@@ -351,19 +492,23 @@ class Session:
         self._tag = (self._tag + 1) & 0xFF
         self.state = State.RAKP4
         payload3 = wire.rakp3(self._tag, 0, self._bmc_sid, rakp.rakp3_code(self._kuid))
-        self._send_handshake(wire.PAYLOAD_RAKP3, payload3, now)
+        self._send_handshake(wire.PAYLOAD_RAKP3, payload3, now, "RAKP message 3")
 
     def _got_rakp4(self, payload: bytes, now: float) -> None:
         message = wire.parse_rakp4(payload)
-        if message is None or message.tag != self._tag or message.console_sid != self._console_sid:
+        if message is None:
+            self._ignore(f"a malformed RAKP message 4 ({len(payload)} bytes)")
             return
+        if not self._ours(message.tag, message.console_sid):
+            return
+        self._heard()
         if message.status:
             text = wire.rmcp_status(message.status)
             if message.status == RAKP_INVALID_ICV:
                 raise BmcAuthError(f"{self.where}: authentication failed (RAKP4: {text})", hint=AUTH_HINT)
             raise BmcError(f"{self.where}: RAKP4: {text}")
         assert self._rakp is not None and self.suite is not None
-        if self._rakp.rakp4_icv(self._sik) != message.icv[: self.suite.icv_length]:
+        if not hmac.compare_digest(self._rakp.rakp4_icv(self._sik), message.icv[: self.suite.icv_length]):
             raise BmcAuthError(
                 f"{self.where}: authentication failed (RAKP4 integrity check value does not match; BMC key Kg?)",
                 hint=AUTH_HINT,
@@ -401,6 +546,10 @@ class Session:
             return
         plain = wire.open_packet(packet, self._keys)
         if plain is None:
+            self._ignore("a packet that fails the session's integrity check")
+            return
+        if not self._window.accept(packet.sequence):
+            self._ignore(f"a packet with session sequence number {packet.sequence}, outside the window (replayed?)")
             return
         response = wire.parse_ipmi_response(plain)
         request = self._request
@@ -412,6 +561,7 @@ class Session:
         ):
             return
         self._request = None
+        self._heard()
         if self.state == State.CLOSING:
             self._finish()
         elif self.state == State.PRIVILEGE:

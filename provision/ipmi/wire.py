@@ -13,10 +13,18 @@ in the clear with session id 0; after RAKP4 every message is encrypted and
 authenticated with the session's keys. The payload of an IPMI message
 (payload type 0) is the LAN message of section 13.8: rsAddr, netFn/LUN,
 checksum, rqAddr, rqSeq/LUN, command, data, checksum.
+
+Before any session, Get Channel Authentication Capabilities travels in the
+IPMI 1.5 framing (table 13-4: RMCP header | auth type 00 | session sequence
+(LE32) 0 | session id (LE32) 0 | length (8 bits) | message), as ipmitool and
+ipmipower send it. Error answers to the handshake may be as short as the
+message tag and status (OpenIPMI's ipmi_sim, OpenBMC's netipmid send two
+bytes): they are read, not dropped.
 """
 
 from __future__ import annotations
 
+import hmac
 import struct
 from dataclasses import dataclass
 
@@ -65,6 +73,13 @@ RMCP_STATUS = {
     0x12: "illegal or unrecognized parameter",
 }
 RMCP_NO_CIPHER_SUITE_MATCH = 0x11
+RMCP_INVALID_ICV = 0x0F
+# The statuses a BMC gives to algorithms (a cipher suite) it does not support:
+# invalid authentication / integrity algorithm, no matching authentication /
+# integrity payload, invalid confidentiality algorithm, no cipher suite match,
+# illegal or unrecognized parameter (the SHA-256 algorithm numbers to a BMC
+# that predates them).
+RMCP_UNSUPPORTED_ALGORITHM = frozenset({0x04, 0x05, 0x06, 0x07, 0x10, 0x11, 0x12})
 
 # Completion codes (table 5-2).
 COMPLETION_CODES = {
@@ -96,7 +111,8 @@ COMPLETION_CODES = {
 
 
 def rmcp_status(code: int) -> str:
-    return RMCP_STATUS.get(code, f"RMCP+ status 0x{code:02x}")
+    """The status's meaning and number: "invalid authentication algorithm (0x04)"."""
+    return f"{RMCP_STATUS.get(code, 'RMCP+ status')} (0x{code:02x})"
 
 
 def completion_code(code: int) -> str:
@@ -134,6 +150,56 @@ def parse_ipmi_response(message: bytes) -> IpmiResponse | None:
     return IpmiResponse(
         netfn=message[1] >> 2, seq=message[4] >> 2, command=message[5], code=message[6], data=bytes(message[7:-1])
     )
+
+
+# --------------------------------------------------------------------------
+# IPMI 1.5 framing, for the session-less Get Channel Authentication Capabilities
+
+AUTH_NONE = 0x00
+NETFN_APP = 0x06
+CMD_GET_CHANNEL_AUTH_CAPABILITIES = 0x38
+CURRENT_CHANNEL = 0x0E
+WANT_IPMI_V2_DATA = 0x80  # channel byte bit 7: "get IPMI v2.0+ extended data"
+
+
+def build_v15_packet(message: bytes) -> bytes:
+    """A session-less IPMI 1.5 packet (auth type none, session 0) carrying ``message``."""
+    return RMCP_HEADER + struct.pack("<BIIB", AUTH_NONE, 0, 0, len(message)) + message
+
+
+def session_less_message(raw: bytes) -> bytes | None:
+    """The IPMI message of a session-less reply, IPMI 1.5 or RMCP+ framed (session id 0, clear); else None."""
+    if len(raw) < 14 or raw[:4] != RMCP_HEADER:
+        return None
+    if raw[4] == AUTH_NONE:
+        length = raw[13]
+        return raw[14 : 14 + length] if 14 + length <= len(raw) else None
+    packet = parse_packet(raw)
+    if packet is None or packet.payload_type != PAYLOAD_IPMI or packet.session_id or packet.encrypted:
+        return None
+    return packet.payload
+
+
+def channel_auth_capabilities_request(seq: int, privilege: int) -> bytes:
+    return ipmi_request(
+        NETFN_APP, CMD_GET_CHANNEL_AUTH_CAPABILITIES, seq, bytes([WANT_IPMI_V2_DATA | CURRENT_CHANNEL, privilege])
+    )
+
+
+@dataclass(frozen=True)
+class ChannelAuthCapabilities:
+    """Table 22-15, the part that tells whether the channel speaks RMCP+."""
+
+    extended: bool  # byte 2 bit 7: the answer carries IPMI v2.0 extended capabilities
+    ipmi_v2: bool  # byte 4 bit 1: the channel supports IPMI v2.0 (RMCP+) sessions
+
+
+def parse_channel_auth_capabilities(data: bytes) -> ChannelAuthCapabilities | None:
+    """The response data (after the completion code), or None if too short."""
+    if len(data) < 4:
+        return None
+    extended = bool(data[1] & 0x80)
+    return ChannelAuthCapabilities(extended=extended, ipmi_v2=extended and bool(data[3] & 0x02))
 
 
 # --------------------------------------------------------------------------
@@ -198,7 +264,7 @@ def open_packet(packet: Packet, keys: SessionKeys) -> bytes | None:
     raw = packet.raw
     if len(raw) < 16 + len(packet.payload) + 2 + icv_length:
         return None
-    if keys.auth_code(raw[4:-icv_length]) != raw[-icv_length:]:
+    if not hmac.compare_digest(keys.auth_code(raw[4:-icv_length]), raw[-icv_length:]):
         return None
     try:
         return keys.decrypt(packet.payload)
@@ -221,20 +287,25 @@ def open_session_request(tag: int, privilege: int, console_sid: int, algorithms:
     )
 
 
+def _console_sid(payload: bytes) -> int | None:
+    """The console's session id of a handshake answer; None in a short error answer (tag and status only)."""
+    return int.from_bytes(payload[4:8], "little") if len(payload) >= 8 else None
+
+
 @dataclass(frozen=True)
 class OpenSessionResponse:
     tag: int
     status: int
-    console_sid: int
+    console_sid: int | None  # None: a short error answer
     bmc_sid: int = 0
     algorithms: tuple[int, int, int] = (0, 0, 0)  # what the BMC chose
 
 
 def parse_open_session_response(payload: bytes) -> OpenSessionResponse | None:
-    if len(payload) < 8:
+    if len(payload) < 2 or (payload[1] == 0 and len(payload) < 8):
         return None
     tag, status = payload[0], payload[1]
-    console_sid = int.from_bytes(payload[4:8], "little")
+    console_sid = _console_sid(payload)
     if status != 0:
         return OpenSessionResponse(tag, status, console_sid)
     if len(payload) < 36:
@@ -252,17 +323,17 @@ def rakp1(tag: int, bmc_sid: int, rm: bytes, role: int, user: bytes) -> bytes:
 class Rakp2:
     tag: int
     status: int
-    console_sid: int
+    console_sid: int | None  # None: a short error answer
     rc: bytes = b""
     guid: bytes = b""
     code: bytes = b""
 
 
 def parse_rakp2(payload: bytes) -> Rakp2 | None:
-    if len(payload) < 8:
+    if len(payload) < 2 or (payload[1] == 0 and len(payload) < 8):
         return None
     tag, status = payload[0], payload[1]
-    console_sid = int.from_bytes(payload[4:8], "little")
+    console_sid = _console_sid(payload)
     if status != 0:
         return Rakp2(tag, status, console_sid)
     if len(payload) < 40:
@@ -270,19 +341,20 @@ def parse_rakp2(payload: bytes) -> Rakp2 | None:
     return Rakp2(tag, 0, console_sid, bytes(payload[8:24]), bytes(payload[24:40]), bytes(payload[40:]))
 
 
-def rakp3(tag: int, status: int, bmc_sid: int, code: bytes) -> bytes:
-    return bytes([tag, status, 0, 0]) + bmc_sid.to_bytes(4, "little") + code
+def rakp3(tag: int, status: int, bmc_sid: int, code: bytes = b"") -> bytes:
+    """RAKP message 3; with an error status it carries no key exchange authentication code."""
+    return bytes([tag, status, 0, 0]) + bmc_sid.to_bytes(4, "little") + (b"" if status else code)
 
 
 @dataclass(frozen=True)
 class Rakp4:
     tag: int
     status: int
-    console_sid: int
+    console_sid: int | None  # None: a short error answer
     icv: bytes = b""
 
 
 def parse_rakp4(payload: bytes) -> Rakp4 | None:
-    if len(payload) < 8:
+    if len(payload) < 2 or (payload[1] == 0 and len(payload) < 8):
         return None
-    return Rakp4(payload[0], payload[1], int.from_bytes(payload[4:8], "little"), bytes(payload[8:]))
+    return Rakp4(payload[0], payload[1], _console_sid(payload), bytes(payload[8:]))
