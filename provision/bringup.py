@@ -120,6 +120,9 @@ class NodeProgress:
 class BootSettings:
     image: str | None = None  # boot this image instead of the inventory's
     timeout: float = 600.0  # power-on to sshd answering, per node
+    # Power-on to the first DHCP request, per node, where the backend sees DHCP
+    # (firmware POST on large servers takes minutes; a wrong MAC fails here early).
+    dhcp_timeout: float = 300.0
     join: bool = False
     join_timeout: int | None = None  # seconds for the whole join run
     poll: float = 1.0
@@ -128,6 +131,8 @@ class BootSettings:
     def __post_init__(self) -> None:
         if self.timeout <= 0:
             raise BootError(f"--timeout: {self.timeout} must be positive", hint="e.g. --timeout 600")
+        if self.dhcp_timeout <= 0:
+            raise BootError(f"--dhcp-timeout: {self.dhcp_timeout} must be positive", hint="e.g. --dhcp-timeout 300")
 
 
 Update = Callable[[str, Sequence[NodeProgress]], None]
@@ -294,6 +299,8 @@ class NodeBoot:
                 events = self._backend_events()
                 self._apply_events(events)
                 self._pin_host_keys()
+                if events:  # the backend sees DHCP: a node silent past --dhcp-timeout fails now
+                    self._fail_silent(events)
                 now = time.monotonic()
                 for progress in self.progress.values():
                     if progress.failed or progress.up or Stage.POWER not in progress.reached:
@@ -344,24 +351,36 @@ class NodeBoot:
             return ready
         return []
 
+    def _no_dhcp_hint(self, progress: NodeProgress, events: Sequence[BootEvent]) -> str:
+        unknown = self._unknown_macs(events)
+        return (
+            f"no DHCP request from {progress.mac} (provision_mac) since power-on"
+            + (f"; unknown MACs asked for DHCP: {', '.join(unknown)} — is provision_mac right?" if unknown else "")
+            + "; check the NIC's PXE setting and the cabling"
+        )
+
+    def _fail_silent(self, events: Sequence[BootEvent]) -> None:
+        """Fail nodes powered on more than ``dhcp_timeout`` ago that never asked for DHCP."""
+        elapsed = self._elapsed()
+        for progress in self.progress.values():
+            if progress.failed or progress.last is not Stage.POWER:
+                continue
+            if elapsed - progress.reached[Stage.POWER] >= self.settings.dhcp_timeout:
+                progress.fail(
+                    f"no DHCP request {self.settings.dhcp_timeout:.0f} s after power-on (last stage: power)",
+                    self._no_dhcp_hint(progress, events),
+                )
+                self._note(f"{progress.name}: {progress.error}")
+
     def _finish_follow(self, events: Sequence[BootEvent]) -> None:
         self._pin_host_keys()  # sshd starts after the key is printed; the log may lag a little
-        unknown = self._unknown_macs(events)
         for progress in self.progress.values():
             if progress.failed or progress.up:
                 continue
             last = progress.last
             hint = "see the console tail" if progress.name in self.consoles else "look at the node's console"
             if last in (None, Stage.POWER):
-                hint = (
-                    f"no DHCP request from {progress.mac} (provision_mac) since power-on"
-                    + (
-                        f"; unknown MACs asked for DHCP: {', '.join(unknown)} — is provision_mac right?"
-                        if unknown
-                        else ""
-                    )
-                    + "; check the NIC's PXE setting and the cabling"
-                )
+                hint = self._no_dhcp_hint(progress, events)
             progress.fail(
                 f"not up after {self.settings.timeout:.0f} s (last stage: {last or 'none'})",
                 hint,

@@ -97,6 +97,13 @@ def report(rows: Sequence[NodeProgress], as_json: bool, extra: dict[str, Any] | 
     show_default=True,
     help="Per node, from power-on to sshd answering.",
 )
+@click.option(
+    "--dhcp-timeout",
+    type=Duration(),
+    default=300.0,
+    show_default=True,
+    help="Per node, from power-on to its first DHCP request (where the boot backend sees DHCP).",
+)
 @click.option("--join", "do_join", is_flag=True, help="Then run playbooks/join.yml on the nodes that came up.")
 @click.option("--join-timeout", type=Duration(), default=None, help="Limit for the whole join run.")
 @bmc_fanout_options("--bmc-timeout")
@@ -108,6 +115,7 @@ def boot(
     /,
     image: str | None,
     boot_timeout: float,
+    dhcp_timeout: float,
     do_join: bool,
     join_timeout: float | None,
     yes: bool,
@@ -133,6 +141,7 @@ def boot(
     run_settings = BootSettings(
         image=image,
         timeout=boot_timeout,
+        dhcp_timeout=dhcp_timeout,
         join=do_join,
         join_timeout=int(join_timeout) if join_timeout else None,
         fanout=fanout_settings(len(nodes), timeout=settings.pop("bmc_timeout"), **settings),
