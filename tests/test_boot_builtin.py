@@ -70,6 +70,7 @@ def make_inventory(
         "provision_image_store": str(store),
         "provision_bmc_user": "admin",
         "provision_boot_backend": "builtin",
+        "provision_join_mode": "push",  # the join service has its own tests (test_join_service, the e2e)
         **(extra or {}),
     }
     (site / "group_vars" / "all.yml").write_text(yaml.safe_dump(all_vars))
@@ -377,7 +378,7 @@ def test_boot_commands_drive_the_sites_backend_whichever_it_is(tmp_path: Path, s
         stopped = run_provision("-i", site_path, "boot", "stop")
         assert stopped.returncode == 0 and "nothing was running" in stopped.stdout
         events = run_provision("-i", site_path, "boot", "events", "--json")
-        assert events.returncode == 0 and json.loads(events.stdout) == {}
+        assert events.returncode == 0 and json.loads(events.stdout) == {"boot": {}, "join": []}
     assert fake.violations == []
     assert not (tmp_path / "state" / "boot").exists()  # nothing of the built-in backend was made
 
@@ -480,7 +481,7 @@ def test_serve_and_stop_are_idempotent_in_a_netns(tmp_path: Path, store: Path, n
             netns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://10.99.0.1/boot/.half-written.tmp"
         )
         assert hidden.stdout == "404"
-        report = json.loads(provision_cli(site_path, "boot", "events", "--json").stdout)
+        report = json.loads(provision_cli(site_path, "boot", "events", "--json").stdout)["boot"]
         assert [e["phase"] for e in report["node02"]] == ["node-script"]  # matched by the MAC in its path
         assert report["node02"][0]["ip"] == "10.99.0.12"
         assert (

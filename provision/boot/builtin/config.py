@@ -71,6 +71,7 @@ class BuiltinConfig:
     ipxe_dir: Path = IPXE_DIR
     http_workers: str = "auto"
     authorized_keys: tuple[str, ...] = ()
+    join_url: str | None = None  # the join service the nodes' agents ask (kernel command line provision.join=)
 
     @property
     def base_url(self) -> str:
@@ -161,6 +162,7 @@ class BuiltinConfig:
             image_store=Path(str(store)) if store else Path(str(state)) / "images",
             default_image=check_image_name(str(default_image)) if default_image else None,
             authorized_keys=keys,
+            join_url=_join_url(config, Path(str(state))),
         )
 
 
@@ -168,6 +170,14 @@ _PUBLIC_KEY = re.compile(
     r"^(?:ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(?:256|384|521)|sk-ssh-ed25519@openssh\.com|"
     r"sk-ecdsa-sha2-nistp256@openssh\.com) [A-Za-z0-9+/]+={0,3}(?: [^\n]*)?$"
 )
+
+
+def _join_url(config: Mapping[str, Any], state_dir: Path) -> str | None:
+    """The join service's URL for the nodes, or None when the site pushes the join over SSH."""
+    from provision.service.settings import JoinMode, JoinSettings
+
+    settings = JoinSettings.from_vars(config, state_dir)
+    return settings.url if settings.mode is JoinMode.AGENT else None
 
 
 def _authorized_keys(value: Any) -> tuple[str, ...]:

@@ -104,7 +104,14 @@ def report(rows: Sequence[NodeProgress], as_json: bool, extra: dict[str, Any] | 
     show_default=True,
     help="Per node, from power-on to its first DHCP request (where the boot backend sees DHCP).",
 )
-@click.option("--join", "do_join", is_flag=True, help="Then run playbooks/join.yml on the nodes that came up.")
+@click.option(
+    "--join",
+    "do_join",
+    is_flag=True,
+    help="Also wait until each node has joined (Slurm): its own agent reports it (provision_join_mode: agent, the "
+    "default; nodes join by themselves at every boot, with or without --join), or playbooks/join.yml runs over SSH "
+    "(provision_join_mode: push).",
+)
 @click.option("--join-timeout", type=Duration(), default=None, help="Limit for the whole join run.")
 @bmc_fanout_options("--bmc-timeout")
 @assume_yes
@@ -127,9 +134,10 @@ def boot(
     \b
     Stages, in seconds since power-on: power (BMC accepted), dhcp, script
     (its iPXE script), kernel, initrd, rootfs (from the boot server's logs),
-    ssh (sshd answers), joined (--join: playbooks/join.yml passed, the
-    node idle in Slurm). The SSH host key a node prints on its console
-    (provision_console_log) is pinned for the join.
+    ssh (sshd answers), joined (--join: the node's agent reported its
+    join bundle installed and services started; in push mode
+    playbooks/join.yml passed). The SSH host key a node prints on its
+    console (provision_console_log) is pinned (SSH, and the join service).
 
     Nodes that fail are reported with the last stage they reached and
     their console's tail; the others carry on. Exit code 1 if any failed.
