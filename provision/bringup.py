@@ -42,6 +42,7 @@ from provision.fanout import FanoutOptions, Outcome
 from provision.files import write_atomic
 from provision.inventory import Node, Site
 from provision.probe import ssh_answers
+from provision.serve import serve
 from provision.service.settings import JoinMode, JoinSettings
 from provision.service.state import NodeRecord, ReportStatus, read_status
 
@@ -223,16 +224,21 @@ class NodeBoot:
     def sync(self) -> None:
         """Prepare the backend for the selection (hosts, image, services) and set the nodes to network-boot."""
         image_for = {n.name: self.settings.image for n in self.nodes} if self.settings.image else None
-        prepared = self.backend.prepare(self.site, self.nodes, image_for=image_for, activate=True)
+        served = serve(
+            self.site,
+            self.nodes,
+            backend=self.backend,
+            image_for=image_for,
+            activate=True,
+            vault_password_file=self.vault_password_file,
+        )
         self.backend.set_provision([n.name for n in self.nodes], True)
-        images = ", ".join(f"{k} {v}" for k, v in prepared.images.items())
-        self._note(f"boot backend: {len(prepared.hosts_written)} hosts written; {images}")
-        if self.agent_join:
-            from provision.service import site as join_service
-
-            joined = join_service.prepare(self.site, self.nodes, vault_password_file=self.vault_password_file)
-            for name, error in joined.failed.items():  # such a node would boot and never get its bundle
-                self.progress[name].fail(f"join bundle: {error}", "run `ansible-playbook playbooks/bundle.yml` -v")
+        images = ", ".join(f"{k} {v}" for k, v in served.boot.images.items())
+        self._note(f"boot backend: {len(served.boot.hosts_written)} hosts written; {images}")
+        joined = served.join
+        for name, error in joined.failed.items():  # such a node would boot and never get its bundle
+            self.progress[name].fail(f"join bundle: {error}", "run `ansible-playbook playbooks/bundle.yml` -v")
+        if joined.url:
             where = f"join service {joined.url}" + (" (started by provision)" if joined.pid else "")
             self._note(f"{where}: {len(joined.rendered) - len(joined.failed)} bundles rendered")
 

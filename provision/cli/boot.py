@@ -42,14 +42,16 @@ def serve(app: AppContext, activate: bool, as_json: bool) -> None:
     reloaded. The built-in backend's state, logs and leases are under
     <provision_state_dir>/boot.
     """
-    from provision.service import site as join_service
+    from provision.serve import serve as serve_site
 
     site = app.site
     backend = backend_for(site)
-    prepared = backend.prepare(site, site.nodes, activate=activate)
-    joined = join_service.prepare(site, site.nodes, vault_password_file=app.vault_password_file)
+    served = serve_site(
+        site, site.nodes, backend=backend, activate=activate, vault_password_file=app.vault_password_file
+    )
+    prepared, joined = served.boot, served.join
     if as_json:
-        emit_json({**backend.summary(), "sync": prepared.as_dict(), "join": joined.as_dict()})
+        emit_json({**backend.summary(), **served.as_dict()})
         return
     for name, state in prepared.images.items():
         click.echo(f"image {name}: {state}")
@@ -68,11 +70,9 @@ def serve(app: AppContext, activate: bool, as_json: bool) -> None:
 @pass_app
 def stop(app: AppContext) -> None:
     """Stop what `serve` started (nothing to do when nothing runs)."""
-    from provision.service import site as join_service
+    from provision.serve import stop as stop_site
 
-    stopped = backend_for(app.site).stop()
-    if join_service.stop(app.site):
-        stopped.append("join service")
+    stopped = stop_site(app.site)
     click.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
 
 

@@ -88,6 +88,12 @@ def prepare(
     return JoinPrepared(JoinMode.AGENT, settings.url, pid, tuple(rendered))
 
 
+def start(site: Site, *, vault_password_file: str | None = None) -> tuple[int, str]:
+    """Start (or keep) the service in the background; its pid and URL."""
+    daemon = JoinDaemon(site, netns=_netns(site), vault_password_file=vault_password_file)
+    return daemon.ensure(), daemon.settings.url
+
+
 def stop(site: Site) -> bool:
     """Stop the service provision started; False when none ran."""
     return JoinDaemon(site, netns=_netns(site)).stop()
