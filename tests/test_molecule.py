@@ -36,6 +36,7 @@ def test_every_role_is_converged_by_a_scenario() -> None:
         "wireguard",
         "node_tools",
         "postboot",
+        "join_agent",
     }
     converged = "\n".join((MOLECULE_DIR / s / "converge.yml").read_text() for s in SCENARIOS)
     missing = sorted(r for r in roles if r not in converged)
