@@ -10,10 +10,10 @@ idempotence and check mode.
 from __future__ import annotations
 
 import base64
+import grp
 import json
 import os
 import pwd
-import grp
 import stat
 import subprocess
 import sys
@@ -191,7 +191,9 @@ def test_bundle_renders_the_join_files_with_a_manifest(tmp_path: Path) -> None:
 def assert_bundle_matches_staging(node_dir: Path) -> list[str]:
     """The manifest lists exactly the staged files."""
     manifest = json.loads((node_dir / "manifest.json").read_text())
-    staged = sorted("/" + str(p.relative_to(node_dir / "files")) for p in (node_dir / "files").rglob("*") if p.is_file())
+    staged = sorted(
+        "/" + str(p.relative_to(node_dir / "files")) for p in (node_dir / "files").rglob("*") if p.is_file()
+    )
     listed = sorted(e["path"] for e in manifest["files"])
     assert staged == listed
     return listed

@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ROLE = ROOT / "roles" / "join_agent"
 BIN = Path(sys.executable).parent
 NODE = "node01"
+PLAYBOOK = (str(BIN / "ansible-playbook"), "-c", "local", "-i", "localhost,")
+VERIFY = ("ssh-keygen", "-Y", "verify", "-f")
 
 
 def render_agent(dest: Path, **overrides: object) -> tuple[Path, Path]:
@@ -66,8 +68,7 @@ def render_agent(dest: Path, **overrides: object) -> tuple[Path, Path]:
     (dest / "render.yml").write_text(yaml.safe_dump(play))
     proc = subprocess.run(
         # Extra variables: they beat the defaults file, as an inventory's do at image build.
-        [str(BIN / "ansible-playbook"), "-c", "local", "-i", "localhost,", str(dest / "render.yml")]
-        + ["-e", json.dumps({"join_agent_libexec_dir": str(dest), **overrides})],
+        [*PLAYBOOK, str(dest / "render.yml"), "-e", json.dumps({"join_agent_libexec_dir": str(dest), **overrides})],
         env={**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_PYTHON_INTERPRETER": sys.executable},
         capture_output=True,
         text=True,
@@ -148,8 +149,7 @@ class JoinDouble:
         sig = self.workdir / f"sig-{secrets.token_hex(4)}"
         sig.write_text(signature)
         proc = subprocess.run(
-            ["ssh-keygen", "-Y", "verify", "-f", str(self.workdir / "allowed_signers"), "-I", node]
-            + ["-n", "provision-join@v1", "-s", str(sig)],
+            [*VERIFY, str(self.workdir / "allowed_signers"), "-I", node, "-n", "provision-join@v1", "-s", str(sig)],
             input=message.encode(),
             capture_output=True,
             check=False,
@@ -198,7 +198,10 @@ class JoinDouble:
                         self.answer(code, body)
                         return
                     sealed = subprocess.run(
-                        ["age", "-R", str(double.workdir / "node.pub")], input=double.tar, capture_output=True, check=True
+                        ["age", "-R", str(double.workdir / "node.pub")],
+                        input=double.tar,
+                        capture_output=True,
+                        check=True,
                     ).stdout
                     double.bundles_served += 1
                     self.answer(200, sealed, "application/octet-stream")
@@ -306,7 +309,9 @@ def test_agent_installs_the_rendered_bundle(tmp_path: Path, node_key: tuple[Path
 @pytest.mark.integration
 @requires(shutil.which("age") is not None, "age (./run setup installs it)")
 @requires(os.geteuid() == 0, "root: the agent sets the manifest's owners")
-def test_agent_retries_until_served_and_refuses_foreign_paths(tmp_path: Path, node_key: tuple[Path, str], serve) -> None:  # type: ignore[no-untyped-def]
+def test_agent_retries_until_served_and_refuses_foreign_paths(
+    tmp_path: Path, node_key: tuple[Path, str], serve
+) -> None:  # type: ignore[no-untyped-def]
     manifest = {
         "files": [{"path": "/etc/provision-test/hello", "owner": "root", "group": "root", "mode": "0640"}],
         "services": [],
