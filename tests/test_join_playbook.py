@@ -363,7 +363,7 @@ def test_join_a_booted_node_for_real(tmp_path: Path, node_rootfs: Path) -> None:
             from test_bundle import assert_bundle_matches_node, render, stats
 
             bundle = render(inv)
-            assert stats(bundle, NODE)["failed"] == 0
+            assert stats(bundle, NODE)["failures"] == 0
             assert bind_password not in bundle.stdout + bundle.stderr
             node_root = _node_root(node.pid)
             listed = assert_bundle_matches_node(inv / ".state" / "service" / "bundles" / NODE, node_root)
