@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from provision.boot.base import BootBackend, Prepared, backend_for
+from provision.boot.base import BootBackend, Prepared, PrepareOptions, backend_for
 from provision.inventory import Node, Site
 from provision.service import site as join_service
 from provision.service.site import JoinPrepared
@@ -38,7 +38,7 @@ def serve(
 ) -> Served:
     """The boot backend ready for ``nodes``, their join bundles rendered, the join service up."""
     backend = backend or backend_for(site)
-    prepared = backend.prepare(site, nodes, image_for=image_for, activate=activate)
+    prepared = backend.prepare(site, nodes, PrepareOptions(image_for=dict(image_for or {}), activate=activate))
     joined = join_service.prepare(site, nodes, vault_password_file=vault_password_file)
     return Served(prepared, joined)
 

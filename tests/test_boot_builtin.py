@@ -24,7 +24,7 @@ from conftest import run_provision
 from grendel_fake import FakeGrendel
 
 from provision import inventory
-from provision.boot.base import BootBackend, BootHost, BootImage, Prepared, backend_for, get_backend
+from provision.boot.base import BootBackend, BootHost, BootImage, Prepared, PrepareOptions, backend_for, get_backend
 from provision.boot.builtin import BuiltinBackend, BuiltinConfig, Service, mac_file_name
 from provision.bringup import NodeBoot
 from provision.errors import BootError, ValidationError
@@ -106,7 +106,7 @@ def backend_of(site_path: Path) -> BuiltinBackend:
 
 def sync_site(site: Site, backend: BuiltinBackend, *, activate: bool) -> Prepared:
     """The backend's prepare without starting services: every node of the site."""
-    return backend.sync(site, site.nodes, activate=activate)
+    return backend.prepare(site, site.nodes, PrepareOptions(activate=activate, serve=False))
 
 
 def node_script(backend: BuiltinBackend, name: str) -> str:
@@ -260,14 +260,14 @@ def test_a_broken_node_in_another_rack_does_not_block_this_one(site_path: Path) 
     # node boot --rack r1: its checks pass, and the backend's sync for r1 writes r1 only.
     r1 = site.select(rack="r1")
     NodeBoot(site, r1).check()
-    synced = backend.sync(site, r1, activate=True)
+    synced = backend.prepare(site, r1, PrepareOptions(serve=False))
     assert synced.images == {IMAGE: f"{V2} (active)"}
     assert f"/images/{IMAGE}/{V2}/vmlinuz" in node_script(backend, "node01")
     assert [h.name for h in backend.list_hosts()] == ["node01", "node02"]
     # The whole site, or rack r2, is still refused, naming the broken node.
     for nodes in (site.nodes, site.select(rack="r2")):
         with pytest.raises(ValidationError) as info:
-            backend.sync(site, nodes, activate=True)
+            backend.prepare(site, nodes, PrepareOptions(serve=False))
         assert [p.node for p in info.value.problems] == ["node03"]
 
 

@@ -31,10 +31,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from provision.boot.base import (
+    PREPARE,
     BackendName,
     BootHost,
     BootImage,
     Prepared,
+    PrepareOptions,
     Published,
     ServiceStatus,
     check_image_name,
@@ -83,17 +85,10 @@ class GrendelBackend:
         self.client.list_images()
 
     # -- serving: Grendel runs elsewhere; this side syncs and checks ----------
-    def prepare(
-        self,
-        site: Site,
-        nodes: Sequence[Node],
-        *,
-        image_for: Mapping[str, str] | None = None,
-        activate: bool = True,
-    ) -> Prepared:
+    def prepare(self, site: Site, nodes: Sequence[Node], how: PrepareOptions = PREPARE) -> Prepared:
         """Write the nodes' hosts (only what differs) and report their images; ``activate`` has no meaning here."""
         site.require_valid(nodes)
-        hosts = site_hosts(site, nodes, image_for=image_for)
+        hosts = site_hosts(site, nodes, image_for=how.image_for)
         plan = sync_hosts(self, hosts)  # hosts not in the inventory stay: Grendel may serve others too
         images = {
             name: "registered" if self.is_published(name) else "not registered"

@@ -89,21 +89,8 @@ def report(rows: Sequence[NodeProgress], as_json: bool, extra: dict[str, Any] | 
 @click.command("boot")
 @selection
 @click.option("--image", metavar="NAME", help="Boot this image instead of the inventory's (until the next sync).")
-@click.option(
-    "--timeout",
-    "boot_timeout",
-    type=Duration(),
-    default=600.0,
-    show_default=True,
-    help="Per node, from power-on to sshd answering.",
-)
-@click.option(
-    "--dhcp-timeout",
-    type=Duration(),
-    default=300.0,
-    show_default=True,
-    help="Per node, from power-on to its first DHCP request (where the boot backend sees DHCP).",
-)
+@click.option("--timeout", "boot_timeout", type=Duration(), default=600.0, help="Per node, power-on to sshd answering.")
+@click.option("--dhcp-timeout", type=Duration(), default=300.0, help="Per node, power-on to its first DHCP request.")
 @click.option(
     "--join",
     "do_join",
