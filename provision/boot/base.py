@@ -392,6 +392,12 @@ class BootBackend(Protocol):
         """Allow (True) or stop (False) network boot/provisioning; returns the known names among ``names``."""
         ...
 
+    def rotate_token(self, name: str, token: str) -> bool:
+        """Boot tokens (``provision_join_trust: token``): True once for the token node ``name``
+        booted with, which is then replaced for its next boot; False for any other token.
+        A backend that cannot hand out boot tokens raises BootError."""
+        ...
+
     def close(self) -> None:
         """Release connections or processes held by the backend object."""
         ...

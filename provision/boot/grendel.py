@@ -76,6 +76,11 @@ class GrendelBackend:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> GrendelBackend:
+        if str(config.get("provision_join_trust") or "").lower() == "token":
+            raise BootError(
+                "provision_join_trust: token needs the built-in boot backend (its iPXE scripts carry the tokens)",
+                hint="use provision_join_trust: console (the nodes' console logs) with Grendel",
+            )
         return cls(GrendelSettings.from_config(config), config=config)
 
     def describe(self) -> str:
@@ -100,6 +105,10 @@ class GrendelBackend:
         """Nothing to start here: check that Grendel answers."""
         self.ping()
         return self.status()
+
+    def rotate_token(self, name: str, token: str) -> bool:
+        """Grendel hands out no boot tokens (``from_config`` refuses the token policy)."""
+        return False
 
     def stop(self) -> list[str]:
         """Grendel is not run by provision: nothing to stop."""

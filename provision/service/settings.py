@@ -25,6 +25,15 @@ class JoinMode(StrEnum):
     PUSH = "push"  # `provision node join` pushes playbooks/join.yml over SSH (no service)
 
 
+class JoinTrust(StrEnum):
+    """What a node's identity for a boot rests on (``provision_join_trust``)."""
+
+    CONSOLE = "console"  # the host key the node printed on its console this boot (default)
+    # Opt-in, weaker, for sites without console logs: a single-use boot token in the node's
+    # iPXE script (served only to the address dnsmasq leases it), rotated at every use.
+    TOKEN = "token"
+
+
 @dataclass(frozen=True)
 class JoinSettings:
     address: str  # provision_join_address (default: provision_boot_address, else the network's first host)
@@ -33,6 +42,7 @@ class JoinSettings:
     console_poll: float = 0.5  # provision_join_console_poll: seconds between console reads
     mode: JoinMode = JoinMode.AGENT  # provision_join_mode
     managed: bool = True  # provision_join_service_managed: provision starts it with the boot server
+    trust: JoinTrust = JoinTrust.CONSOLE  # provision_join_trust
     status_interval: float = 1.0  # seconds between status-file writes (when something changed)
 
     @property
@@ -84,6 +94,14 @@ class JoinSettings:
                 f"provision_join_mode: {mode_raw!r} is not a join mode",
                 hint="use agent (nodes fetch their bundle at every boot) or push (provision node join over SSH)",
             ) from None
+        trust_raw = get("provision_join_trust") or JoinTrust.CONSOLE
+        try:
+            trust = JoinTrust(str(trust_raw).lower())
+        except ValueError:
+            raise InventoryError(
+                f"provision_join_trust: {trust_raw!r} is not a trust policy",
+                hint="use console (the default) or token (opt-in, for sites without console logs)",
+            ) from None
         from provision.boot.base import config_flag
 
         return cls(
@@ -93,6 +111,7 @@ class JoinSettings:
             console_poll=float(poll),
             mode=mode,
             managed=config_flag(variables, "provision_join_service_managed", True),
+            trust=trust,
         )
 
 

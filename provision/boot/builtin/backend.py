@@ -319,7 +319,7 @@ class BuiltinBackend(Layout):
             tokens = read_tokens(self.tokens_path)
             for host in hosts:
                 reg.hosts[host.name] = host
-                if host.provision and host.name not in tokens:
+                if self.config.boot_tokens and host.provision and host.name not in tokens:
                     tokens[host.name] = secrets.token_urlsafe(24)
             save_tokens(self.tokens_path, tokens)
             self._render(reg)
@@ -348,8 +348,8 @@ class BuiltinBackend(Layout):
                 if host is None or host.provision == provision:
                     continue
                 reg.hosts[name] = host.with_provision(provision)
-                if provision:
-                    tokens[name] = secrets.token_urlsafe(24)  # a fresh one-time token per provisioning
+                if provision and self.config.boot_tokens:
+                    tokens[name] = secrets.token_urlsafe(24)  # a fresh single-use token per provisioning
                 else:
                     tokens.pop(name, None)
                 changed.append(name)
@@ -358,16 +358,19 @@ class BuiltinBackend(Layout):
                 self._render(reg)
         return changed
 
-    def consume_token(self, name: str, token: str) -> bool:
-        """True once for the token the node booted with; the token is then spent."""
+    def rotate_token(self, name: str, token: str) -> bool:
+        """True once for the token the node booted with; its script then carries a new one for its next boot."""
         name = check_host_name(name)
-        with self._locked():
+        if not self.config.boot_tokens:
+            return False
+        with self._locked() as reg:
             tokens = read_tokens(self.tokens_path)
             expected = tokens.get(name)
             if expected is None or not secrets.compare_digest(expected.encode(), token.encode()):
                 return False
-            del tokens[name]
+            tokens[name] = secrets.token_urlsafe(24)
             save_tokens(self.tokens_path, tokens)
+            self._render(reg)
         return True
 
 
