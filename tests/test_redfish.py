@@ -387,3 +387,27 @@ def test_insecure_is_warned_about(rig: Rig, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     said = " ".join(result.stderr.split())  # the log handler wraps lines
     assert said.count("TLS certificate checking is OFF") == 1 and "BMCs of untrusted (provision_bmc_tls" in said
+
+
+@requires(HAVE_EMULATOR, NEEDS_EMULATOR)
+def test_a_rack_mixes_ipmi_and_redfish(rig: Rig, tmp_path: Path) -> None:
+    """One command over IPMI and Redfish nodes: each protocol's engine, one report."""
+    from provision.lab.vbmc import VbmcFleet, free_udp_ports, make_specs
+
+    (port,) = free_udp_ports(1)
+    text = rig.inventory.read_text() + (
+        f'        ipmi1:\n          provision_mac: "52:54:00:00:31:f1"\n          provision_ip: 10.30.1.241\n'
+        f"          provision_bmc_protocol: ipmi\n          provision_bmc_port: {port}\n"
+    )
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(text)
+    with VbmcFleet(make_specs(1, base_port=port, user=USER, password=PASSWORD), tmp_path / "vbmc") as fleet:
+        result = provision(inventory, "node", "bootdev", "disk", "--persistent", "--nodes", "ipmi1,rf1,dead", "--json")
+        assert result.returncode == 1
+        got = by_node(result)
+        assert set(got) == {"ipmi1", "rf1", "dead"}
+        for name in ("ipmi1", "rf1"):
+            assert got[name]["value"] == {"device": "disk", "persistent": True, "uefi": False}, got[name]
+        assert got["dead"]["kind"] == "BmcUnreachableError"
+        assert fleet.state("node01")["bootdev"] == "disk"
+        assert rig.only_system()["Boot"]["BootSourceOverrideTarget"] == "Hdd"
