@@ -14,7 +14,7 @@ serial console).
   join service down until the node is up) and ``scontrol reboot`` bring the
   nodes back to idle by themselves; then ``lab down`` leaves nothing.
 * ``test_faults_are_reported_per_node`` (push mode, state dir from
-  ``$PROVISION_STATE_DIR``): a dead BMC and a wrong MAC in the inventory; the
+  ``$PROVISION_STATE_DIR``, OpenIPMI ipmi_sim as the BMCs): a dead BMC and a wrong MAC in the inventory; the
   third node still joins over SSH, the two are reported with the stage they
   reached, exit code 1.
 
@@ -300,7 +300,8 @@ def test_faults_are_reported_per_node(compute_image: ImageVersion, tmp_path: Pat
     # The state dir comes from $PROVISION_STATE_DIR here, not the inventory: the
     # host keys are pinned there and the join (playbooks/join.yml) finds them there.
     elsewhere = tmp_path / "state-from-env"
-    lab = Lab(tmp_path, 3, compute_image.path.parents[1], env={"PROVISION_STATE_DIR": str(elsewhere)})
+    # Its BMCs are OpenIPMI's ipmi_sim (an implementation provision's client shares nothing with).
+    lab = Lab(tmp_path, 3, compute_image.path.parents[1], env={"PROVISION_STATE_DIR": str(elsewhere)}, bmc="openipmi")
     try:
         good, dead_bmc, wrong_mac = lab.status["nodes"]
         hosts_file = lab.inventory / "hosts.yml"
