@@ -15,11 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from provision.ansible import EventKind, PlaybookError, TaskEvent, run_playbook
+from provision.catalog import JOIN_PLAYBOOK, ROLES_DIR
 from provision.settings import SiteSettings
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-JOIN_PLAYBOOK = PROJECT_ROOT / "playbooks" / "join.yml"
-ROLES_PATH = PROJECT_ROOT / "roles"
 
 
 @dataclass
@@ -90,7 +87,7 @@ def join_nodes(
             inventory=inventory,
             extravars={"join_hosts": ",".join(names), **(settings.playbook_vars() if settings else {})},
             envvars=envvars,
-            roles_path=[ROLES_PATH],
+            roles_path=[ROLES_DIR],
             on_event=handle,
             limit=",".join(names),
             timeout=timeout,
