@@ -15,11 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from provision.ansible import EventKind, PlaybookError, TaskEvent, run_playbook
+from provision.catalog import JOIN_PLAYBOOK, ROLES_DIR
 from provision.settings import SiteSettings
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-JOIN_PLAYBOOK = PROJECT_ROOT / "playbooks" / "join.yml"
-ROLES_PATH = PROJECT_ROOT / "roles"
 
 
 @dataclass
@@ -116,7 +113,7 @@ def run_per_node(
             inventory=inventory,
             extravars={"join_hosts": ",".join(names), **extravars},
             envvars=env,
-            roles_path=[ROLES_PATH],
+            roles_path=[ROLES_DIR],
             on_event=handle,
             limit=",".join(names),
             timeout=timeout,
