@@ -7,6 +7,7 @@ and talk to them with curl from inside that namespace.
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import itertools
 import json
@@ -26,6 +27,7 @@ from grendel_fake import FakeGrendel
 from provision import inventory
 from provision.boot.base import BootBackend, BootHost, BootImage, Prepared, backend_for, get_backend
 from provision.boot.builtin import BuiltinBackend, BuiltinConfig, Service, mac_file_name
+from provision.boot.builtin.render import ServiceUser
 from provision.bringup import NodeBoot
 from provision.errors import BootError, ValidationError
 from provision.inventory import Site
@@ -36,6 +38,7 @@ V1, V2 = "20260101-000000", "20260102-000000"
 MACS = {"node01": "52:54:00:99:00:11", "node02": "52:54:00:99:00:12"}
 IPS = {"node01": "10.99.0.11", "node02": "10.99.0.12"}
 _ns_counter = itertools.count()
+NGINX_GROUP = ServiceUser.pick("www-data", "nginx").group
 
 
 def make_store(root: Path, versions: tuple[str, ...] = (V1, V2), squashfs_size: int = 4096) -> Path:
@@ -129,20 +132,21 @@ def test_static_mode_renders_leases_scripts_and_links(site_path: Path, store: Pa
     for line in (
         "port=0",
         "dhcp-range=set:provision,10.99.0.0,static,255.255.255.0,12h",
-        f"dhcp-hostsfile={backend.conf_dir / 'dnsmasq.hosts'}",
+        f'dhcp-hostsfile="{backend.conf_dir / "dnsmasq.hosts"}"',  # every path quoted
         "dhcp-option=tag:provision,option:router,10.99.0.254",
         "dhcp-match=set:ipxe,175",
         "dhcp-boot=tag:!ipxe,tag:!efi64,undionly.kpxe,,10.99.0.1",
         "dhcp-boot=tag:!ipxe,tag:efi64,ipxe.efi,,10.99.0.1",
         "dhcp-boot=tag:ipxe,http://10.99.0.1/boot.ipxe",
-        f"log-facility={backend.dnsmasq_log}",
+        f'log-facility="{backend.dnsmasq_log}"',
         "log-dhcp",
     ):
         assert line in conf.splitlines(), line
     assert "proxy" not in conf
     assert "enable-ra" not in conf  # router advertisements need provision_boot_interface (see the proxy test)
     nginx = backend.conf_file(Service.NGINX).read_text()
-    assert "listen 10.99.0.1:80 reuseport;" in nginx and f"access_log {backend.http_access_log} provision;" in nginx
+    assert "listen 10.99.0.1:80 reuseport;" in nginx and f'access_log "{backend.http_access_log}" provision;' in nginx
+    assert "disable_symlinks on from=$document_root;" in nginx and "if_not_owner" not in nginx
     assert "location = /boot/52-54-00-99-00-11.ipxe { allow 10.99.0.11; deny all;" in nginx
 
     script = node_script(backend, "node01")
@@ -162,13 +166,18 @@ def test_static_mode_renders_leases_scripts_and_links(site_path: Path, store: Pa
     assert tokens["node01"] != tokens["node02"] and len(tokens["node01"]) >= 32
     # Tokens: only in the 0600 token file and the node's own 0600 script.
     assert backend.tokens_path.stat().st_mode & 0o777 == 0o600
-    assert (backend.docroot / "boot" / f"{mac_file_name(MACS['node01'])}.ipxe").stat().st_mode & 0o777 == 0o600
+    # The node's script: root's, readable by nginx's unprivileged workers (their group), nobody else.
+    script_stat = (backend.docroot / "boot" / f"{mac_file_name(MACS['node01'])}.ipxe").stat()
+    assert script_stat.st_mode & 0o777 == 0o640 and script_stat.st_gid == grp.getgrnam(NGINX_GROUP).gr_gid
     for path in backend.root.rglob("*"):
         if path.is_file() and path.name not in ("tokens.json",) and not path.name.endswith(".ipxe"):
             assert tokens["node01"] not in path.read_text(errors="replace"), path
-    # Images are served from the store through symlinks; the older version was not registered by serve.
+    # Images are hard links into the store (no copy, no symlink); the older version was not registered by serve.
     link = backend.docroot / "images" / IMAGE / V2 / "rootfs.squashfs"
-    assert link.is_symlink() and link.resolve() == (store / IMAGE / V2 / "rootfs.squashfs").resolve()
+    assert not link.is_symlink() and os.path.samefile(link, store / IMAGE / V2 / "rootfs.squashfs")
+    assert not (backend.docroot / "images" / IMAGE / V1).exists()
+    # Workers reach the web root, never the token file or the registry by listing.
+    assert backend.root.stat().st_mode & 0o777 == 0o711
     assert sorted(os.listdir(backend.tftp_root)) == ["ipxe.efi", "snponly.efi", "undionly.kpxe"]
     assert (
         "chain --autofree http://10.99.0.1/boot/${net0/mac:hexhyp}.ipxe" in (backend.docroot / "boot.ipxe").read_text()
@@ -193,7 +202,17 @@ def test_proxy_mode_renders_pxe_services_without_leases(tmp_path: Path, store: P
     assert 'pxe-service=tag:!ipxe,x86PC,"provision (iPXE, BIOS)",undionly.kpxe' in conf
     assert 'pxe-service=tag:!ipxe,X86-64_EFI,"provision (iPXE, UEFI)",snponly.efi' in conf
     assert 'pxe-service=tag:ipxe,x86PC,"provision (iPXE script)",http://10.99.0.1/boot.ipxe' in conf
-    assert not any(line.startswith(("dhcp-hostsfile", "dhcp-boot", "dhcp-authoritative")) for line in conf)
+    assert not any(line.startswith(("dhcp-boot", "dhcp-authoritative")) for line in conf)
+    # Only the inventory's MACs get boot information (no addresses: the hosts file holds MACs and names).
+    assert "dhcp-ignore=tag:!known" in conf
+    assert (backend.conf_dir / "dnsmasq.hosts").read_text().splitlines() == [
+        f"{MACS['node01']},node01",
+        f"{MACS['node02']},node02",
+    ]
+    # A machine with no script of its own gives up after a bounded wait and leaves to the next boot device.
+    generic = (backend.docroot / "boot.ipxe").read_text()
+    assert generic.count("chain --autofree") == 3 and generic.count("sleep 10") == 2
+    assert "exit 1" in generic and "goto chain" not in generic
     # Addresses come from another server: scripts cannot be pinned to them.
     assert "allow" not in backend.conf_file(Service.NGINX).read_text()
     # The per-node scripts still carry each node's identity.

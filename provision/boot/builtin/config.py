@@ -51,7 +51,8 @@ class BuiltinConfig:
     ``provision_gateway``, ``provision_dns_servers``, ``provision_default_image``,
     ``provision_ssh_authorized_keys`` (public keys the booted nodes fetch for
     root from ``<base_url>/ssh/authorized_keys``: the stateless role's
-    ``stateless_fetch_root_keys``).
+    ``stateless_fetch_root_keys``), ``provision_boot_proxy_any`` (false: in
+    proxy mode, boot information goes to the inventory's MACs only).
     """
 
     state_dir: Path
@@ -71,6 +72,7 @@ class BuiltinConfig:
     ipxe_dir: Path = IPXE_DIR
     http_workers: str = "auto"
     authorized_keys: tuple[str, ...] = ()
+    proxy_any: bool = False  # proxy mode: answer every PXE client, not only the inventory's MACs
 
     @property
     def base_url(self) -> str:
@@ -161,6 +163,7 @@ class BuiltinConfig:
             image_store=Path(str(store)) if store else Path(str(state)) / "images",
             default_image=check_image_name(str(default_image)) if default_image else None,
             authorized_keys=keys,
+            proxy_any=config_flag(config, "provision_boot_proxy_any", False),
         )
 
 
