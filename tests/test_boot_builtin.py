@@ -25,7 +25,7 @@ from conftest import run_provision
 from grendel_fake import FakeGrendel
 
 from provision import inventory
-from provision.boot.base import BootBackend, BootHost, BootImage, Prepared, backend_for, get_backend
+from provision.boot.base import BootBackend, BootHost, BootImage, Prepared, PrepareOptions, backend_for, get_backend
 from provision.boot.builtin import BuiltinBackend, BuiltinConfig, Service, mac_file_name
 from provision.boot.builtin.render import ServiceUser
 from provision.bringup import NodeBoot
@@ -73,6 +73,7 @@ def make_inventory(
         "provision_image_store": str(store),
         "provision_bmc_user": "admin",
         "provision_boot_backend": "builtin",
+        "provision_join_mode": "push",  # the join service has its own tests (test_join_service, the e2e)
         **(extra or {}),
     }
     (site / "group_vars" / "all.yml").write_text(yaml.safe_dump(all_vars))
@@ -108,7 +109,7 @@ def backend_of(site_path: Path) -> BuiltinBackend:
 
 def sync_site(site: Site, backend: BuiltinBackend, *, activate: bool) -> Prepared:
     """The backend's prepare without starting services: every node of the site."""
-    return backend.sync(site, site.nodes, activate=activate)
+    return backend.prepare(site, site.nodes, PrepareOptions(activate=activate, serve=False))
 
 
 def node_script(backend: BuiltinBackend, name: str) -> str:
@@ -278,14 +279,14 @@ def test_a_broken_node_in_another_rack_does_not_block_this_one(site_path: Path) 
     # node boot --rack r1: its checks pass, and the backend's sync for r1 writes r1 only.
     r1 = site.select(rack="r1")
     NodeBoot(site, r1).check()
-    synced = backend.sync(site, r1, activate=True)
+    synced = backend.prepare(site, r1, PrepareOptions(serve=False))
     assert synced.images == {IMAGE: f"{V2} (active)"}
     assert f"/images/{IMAGE}/{V2}/vmlinuz" in node_script(backend, "node01")
     assert [h.name for h in backend.list_hosts()] == ["node01", "node02"]
     # The whole site, or rack r2, is still refused, naming the broken node.
     for nodes in (site.nodes, site.select(rack="r2")):
         with pytest.raises(ValidationError) as info:
-            backend.sync(site, nodes, activate=True)
+            backend.prepare(site, nodes, PrepareOptions(serve=False))
         assert [p.node for p in info.value.problems] == ["node03"]
 
 
@@ -396,7 +397,7 @@ def test_boot_commands_drive_the_sites_backend_whichever_it_is(tmp_path: Path, s
         stopped = run_provision("-i", site_path, "boot", "stop")
         assert stopped.returncode == 0 and "nothing was running" in stopped.stdout
         events = run_provision("-i", site_path, "boot", "events", "--json")
-        assert events.returncode == 0 and json.loads(events.stdout) == {}
+        assert events.returncode == 0 and json.loads(events.stdout) == {"boot": {}, "join": []}
     assert fake.violations == []
     assert not (tmp_path / "state" / "boot").exists()  # nothing of the built-in backend was made
 
@@ -499,7 +500,7 @@ def test_serve_and_stop_are_idempotent_in_a_netns(tmp_path: Path, store: Path, n
             netns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://10.99.0.1/boot/.half-written.tmp"
         )
         assert hidden.stdout == "404"
-        report = json.loads(provision_cli(site_path, "boot", "events", "--json").stdout)
+        report = json.loads(provision_cli(site_path, "boot", "events", "--json").stdout)["boot"]
         assert [e["phase"] for e in report["node02"]] == ["node-script"]  # matched by the MAC in its path
         assert report["node02"][0]["ip"] == "10.99.0.12"
         assert (

@@ -13,6 +13,8 @@ from provision.boot.base import backend_for
 from provision.cli.context import emit_json
 from provision.cli.options import json_output
 from provision.lab.rack import DEFAULT_STATE_DIR, Rack, RackConfig
+from provision.serve import serve as serve_site
+from provision.serve import stop as stop_site
 
 state_dir_option = click.option(
     "--state-dir",
@@ -34,16 +36,17 @@ def _lab_site(rack: Rack) -> inventory.Site:
 def _boot_stop(rack: Rack) -> list[str]:
     if not (rack.inventory / "hosts.yml").exists():
         return []
-    return backend_for(_lab_site(rack)).stop()
+    return stop_site(_lab_site(rack))
 
 
 def _boot_serve(rack: Rack) -> dict[str, Any]:
     site = _lab_site(rack)
-    prepared = backend_for(site).prepare(site, site.nodes, activate=True)
+    served = serve_site(site, site.nodes, activate=True, vault_password_file=str(rack.vault_password_file))
     return {
-        "images": dict(prepared.images),
-        "services": {s.service: s.pid for s in prepared.services},
-        "url": prepared.where,
+        "images": dict(served.boot.images),
+        "services": {s.service: s.pid for s in served.boot.services},
+        "url": served.boot.where,
+        "join": served.join.as_dict(),
     }
 
 

@@ -25,7 +25,7 @@ import pyrage  # type: ignore[import-untyped]
 from provision.console import HostKey
 from provision.service.errors import BundleError
 
-MANIFEST_MEMBER = "run/provision-join/manifest.json"
+MANIFEST_MEMBER = "manifest.json"  # at the top of the tar, as the agent reads it
 _ACCOUNT = re.compile(r"[a-z_][a-z0-9_-]{0,31}\$?")
 _SERVICE = re.compile(r"[A-Za-z0-9@_.:-]{1,128}")
 _MAX_FILE = 16 << 20

@@ -220,6 +220,8 @@ class Renderer:
             if ip:
                 args.append(f"provision.ip={ip}")
             args.append(f"provision.server={cfg.base_url}")
+            if cfg.join_url:
+                args.append(f"provision.join={cfg.join_url}")
             if token:
                 args.append(f"provision.token={token}")
             present = {word for arg in args for word in arg.split()}
