@@ -24,9 +24,12 @@ the ``Authorization`` header: never logged, never in an exception.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
 import os
 import re
+import urllib.parse
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -109,6 +112,7 @@ class GrendelSettings:
     firmware: str | None = None
     domain: str | None = None
     repo_dir: str = DEFAULT_REPO_DIR
+    insecure_http: bool = False  # send the bearer token over plain http:// to a non-loopback server
 
     def __post_init__(self) -> None:
         if self.url and self.socket:
@@ -167,6 +171,7 @@ class GrendelSettings:
             firmware=str(config["provision_grendel_firmware"]) if config.get("provision_grendel_firmware") else None,
             domain=str(config["provision_grendel_domain"]) if config.get("provision_grendel_domain") else None,
             repo_dir=str(config.get("provision_grendel_repo_dir") or DEFAULT_REPO_DIR),
+            insecure_http=config_flag(config, "provision_grendel_insecure_http", False),
         )
 
     def require_endpoint(self) -> None:
@@ -417,6 +422,23 @@ class _Transport:
     def close(self) -> None:
         self.session.close()
 
+    def _check_token_transport(self) -> None:
+        """The bearer token goes over TLS, a unix socket or loopback; plain http:// elsewhere only when the site says so."""
+        url = self.settings.url or ""
+        if not url.startswith("http://") or self.settings.insecure_http:
+            return
+        host = urllib.parse.urlsplit(url).hostname or ""
+        with contextlib.suppress(ValueError):
+            if ipaddress.ip_address(host).is_loopback:
+                return
+        if host == "localhost":
+            return
+        raise GrendelError(
+            f"refusing to send the Grendel API token to {url} over plain HTTP (anyone on the path can read it)",
+            hint="use an https:// provision_grendel_url (or the unix socket), or set "
+            "provision_grendel_insecure_http: true for a network nobody else can reach",
+        )
+
     def token(self) -> str | None:
         value = os.environ.get(self.settings.token_env)
         return value.strip() if value and value.strip() else None
@@ -434,6 +456,7 @@ class _Transport:
         if auth and not self.settings.socket:
             token = self.token()
             if token:
+                self._check_token_transport()
                 headers["Authorization"] = f"Bearer {token}"
         url = self.settings.base_url + path
         log.debug("grendel: %s %s", method, path)

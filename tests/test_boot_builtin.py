@@ -7,6 +7,7 @@ and talk to them with curl from inside that namespace.
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import itertools
 import json
@@ -26,6 +27,7 @@ from grendel_fake import FakeGrendel
 from provision import inventory
 from provision.boot.base import BootBackend, BootHost, BootImage, Prepared, PrepareOptions, backend_for, get_backend
 from provision.boot.builtin import BuiltinBackend, BuiltinConfig, Service, mac_file_name
+from provision.boot.builtin.render import ServiceUser
 from provision.bringup import NodeBoot
 from provision.errors import BootError, ValidationError
 from provision.inventory import Site
@@ -36,6 +38,7 @@ V1, V2 = "20260101-000000", "20260102-000000"
 MACS = {"node01": "52:54:00:99:00:11", "node02": "52:54:00:99:00:12"}
 IPS = {"node01": "10.99.0.11", "node02": "10.99.0.12"}
 _ns_counter = itertools.count()
+NGINX_GROUP = ServiceUser.pick("www-data", "nginx").group
 
 
 def make_store(root: Path, versions: tuple[str, ...] = (V1, V2), squashfs_size: int = 4096) -> Path:
@@ -130,20 +133,21 @@ def test_static_mode_renders_leases_scripts_and_links(site_path: Path, store: Pa
     for line in (
         "port=0",
         "dhcp-range=set:provision,10.99.0.0,static,255.255.255.0,12h",
-        f"dhcp-hostsfile={backend.conf_dir / 'dnsmasq.hosts'}",
+        f'dhcp-hostsfile="{backend.conf_dir / "dnsmasq.hosts"}"',  # every path quoted
         "dhcp-option=tag:provision,option:router,10.99.0.254",
         "dhcp-match=set:ipxe,175",
         "dhcp-boot=tag:!ipxe,tag:!efi64,undionly.kpxe,,10.99.0.1",
         "dhcp-boot=tag:!ipxe,tag:efi64,ipxe.efi,,10.99.0.1",
         "dhcp-boot=tag:ipxe,http://10.99.0.1/boot.ipxe",
-        f"log-facility={backend.dnsmasq_log}",
+        f'log-facility="{backend.dnsmasq_log}"',
         "log-dhcp",
     ):
         assert line in conf.splitlines(), line
     assert "proxy" not in conf
     assert "enable-ra" not in conf  # router advertisements need provision_boot_interface (see the proxy test)
     nginx = backend.conf_file(Service.NGINX).read_text()
-    assert "listen 10.99.0.1:80 reuseport;" in nginx and f"access_log {backend.http_access_log} provision;" in nginx
+    assert "listen 10.99.0.1:80 reuseport;" in nginx and f'access_log "{backend.http_access_log}" provision;' in nginx
+    assert "disable_symlinks on from=$document_root;" in nginx and "if_not_owner" not in nginx
     assert "location = /boot/52-54-00-99-00-11.ipxe { allow 10.99.0.11; deny all;" in nginx
 
     script = node_script(backend, "node01")
@@ -163,13 +167,18 @@ def test_static_mode_renders_leases_scripts_and_links(site_path: Path, store: Pa
     assert tokens["node01"] != tokens["node02"] and len(tokens["node01"]) >= 32
     # Tokens: only in the 0600 token file and the node's own 0600 script.
     assert backend.tokens_path.stat().st_mode & 0o777 == 0o600
-    assert (backend.docroot / "boot" / f"{mac_file_name(MACS['node01'])}.ipxe").stat().st_mode & 0o777 == 0o600
+    # The node's script: root's, readable by nginx's unprivileged workers (their group), nobody else.
+    script_stat = (backend.docroot / "boot" / f"{mac_file_name(MACS['node01'])}.ipxe").stat()
+    assert script_stat.st_mode & 0o777 == 0o640 and script_stat.st_gid == grp.getgrnam(NGINX_GROUP).gr_gid
     for path in backend.root.rglob("*"):
         if path.is_file() and path.name not in ("tokens.json",) and not path.name.endswith(".ipxe"):
             assert tokens["node01"] not in path.read_text(errors="replace"), path
-    # Images are served from the store through symlinks; the older version was not registered by serve.
+    # Images are hard links into the store (no copy, no symlink); the older version was not registered by serve.
     link = backend.docroot / "images" / IMAGE / V2 / "rootfs.squashfs"
-    assert link.is_symlink() and link.resolve() == (store / IMAGE / V2 / "rootfs.squashfs").resolve()
+    assert not link.is_symlink() and os.path.samefile(link, store / IMAGE / V2 / "rootfs.squashfs")
+    assert not (backend.docroot / "images" / IMAGE / V1).exists()
+    # Workers reach the web root, never the token file or the registry by listing.
+    assert backend.root.stat().st_mode & 0o777 == 0o711
     assert sorted(os.listdir(backend.tftp_root)) == ["ipxe.efi", "snponly.efi", "undionly.kpxe"]
     assert (
         "chain --autofree http://10.99.0.1/boot/${net0/mac:hexhyp}.ipxe" in (backend.docroot / "boot.ipxe").read_text()
@@ -194,7 +203,17 @@ def test_proxy_mode_renders_pxe_services_without_leases(tmp_path: Path, store: P
     assert 'pxe-service=tag:!ipxe,x86PC,"provision (iPXE, BIOS)",undionly.kpxe' in conf
     assert 'pxe-service=tag:!ipxe,X86-64_EFI,"provision (iPXE, UEFI)",snponly.efi' in conf
     assert 'pxe-service=tag:ipxe,x86PC,"provision (iPXE script)",http://10.99.0.1/boot.ipxe' in conf
-    assert not any(line.startswith(("dhcp-hostsfile", "dhcp-boot", "dhcp-authoritative")) for line in conf)
+    assert not any(line.startswith(("dhcp-boot", "dhcp-authoritative")) for line in conf)
+    # Only the inventory's MACs get boot information (no addresses: the hosts file holds MACs and names).
+    assert "dhcp-ignore=tag:!known" in conf
+    assert (backend.conf_dir / "dnsmasq.hosts").read_text().splitlines() == [
+        f"{MACS['node01']},node01",
+        f"{MACS['node02']},node02",
+    ]
+    # A machine with no script of its own gives up after a bounded wait and leaves to the next boot device.
+    generic = (backend.docroot / "boot.ipxe").read_text()
+    assert generic.count("chain --autofree") == 3 and generic.count("sleep 10") == 2
+    assert "exit 1" in generic and "goto chain" not in generic
     # Addresses come from another server: scripts cannot be pinned to them.
     assert "allow" not in backend.conf_file(Service.NGINX).read_text()
     # The per-node scripts still carry each node's identity.
@@ -634,3 +653,150 @@ def test_authorized_keys_are_served_and_private_keys_refused(tmp_path: Path, sto
             BuiltinConfig.from_vars({"provision_state_dir": "/x", "provision_network": "10.99.0.0/24",
                                      "provision_ssh_authorized_keys": [bad]})  # fmt: skip
         assert str(info.value) == message and info.value.hint
+
+
+# --------------------------------------------------------------------------
+# Privileges, symlinks, proxy-DHCP allowlist, paths with spaces (integration)
+
+
+def proc_uid(pid: int) -> int:
+    """The real uid of a process, from /proc/<pid>/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for {pid}")
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def http_code(netns: str, url: str) -> str:
+    return in_ns(netns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url).stdout
+
+
+@pytest.mark.integration
+def test_workers_unprivileged_symlinks_refused_and_a_path_with_a_space(tmp_path: Path, netns: str) -> None:
+    """dnsmasq and nginx's workers are not root; a planted symlink is not followed; "state dir" works."""
+    spaced = tmp_path / "site data"
+    store = make_store(spaced / "image store")
+    site_path = make_inventory(spaced, store=store,
+                               extra={"provision_boot_netns": netns, "provision_boot_interface": "br0",
+                                      "provision_state_dir": str(spaced / "state dir")})  # fmt: skip
+    backend = backend_of(site_path)
+    assert " " in str(backend.root)
+    try:
+        served = provision_cli(site_path, "boot", "serve")
+        assert served.returncode == 0, served.stderr
+        pids = {str(s.service): s.pid for s in backend.status()}
+        assert pids["dnsmasq"] and pids["nginx"]
+        # dnsmasq drops to an unprivileged user after binding; nginx's master stays root, its workers do not.
+        assert proc_uid(pids["dnsmasq"]) != 0
+        workers = children(pids["nginx"])
+        assert workers and all(proc_uid(w) != 0 for w in workers), workers
+        ps = subprocess.run(["ps", "-o", "user=,args=", "-p", ",".join(map(str, [pids["dnsmasq"], *workers]))],
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert ps.strip() and not any(line.split()[0] == "root" for line in ps.splitlines()), ps
+
+        # Files under the path with spaces are served, over HTTP and TFTP (read by the unprivileged user).
+        base = f"http://10.99.0.1/images/{IMAGE}/{V2}"
+        out = tmp_path / "rootfs"
+        in_ns(netns, "curl", "-fsS", "-o", str(out), f"{base}/rootfs.squashfs")
+        assert out.read_bytes() == (store / IMAGE / V2 / "rootfs.squashfs").read_bytes()
+        assert in_ns(netns, "curl", "-fsS", "http://10.99.0.1/boot.ipxe").stdout.startswith("#!ipxe")
+        in_ns(netns, "curl", "-fsS", "-o", str(tmp_path / "ipxe"), "tftp://10.99.0.1/undionly.kpxe")
+
+        # Symlinks planted in the web root, pointing outside it, are not followed (the image files are hard links).
+        vdir = backend.docroot / "images" / IMAGE / V2
+        (vdir / "passwd").symlink_to("/etc/passwd")
+        (vdir / "tokens").symlink_to(backend.tokens_path)
+        (backend.docroot / "images" / "outside").symlink_to("/etc", target_is_directory=True)
+        assert http_code(netns, f"{base}/passwd") in ("403", "404")
+        assert http_code(netns, f"{base}/tokens") in ("403", "404")
+        assert http_code(netns, "http://10.99.0.1/images/outside/passwd") in ("403", "404")
+        assert http_code(netns, f"{base}/vmlinuz") == "200"
+        # The workers' user cannot read the token file or list the state directory.
+        nginx_user = ServiceUser.pick("www-data", "nginx").name
+        probe = subprocess.run(["runuser", "-u", nginx_user, "--", "cat", str(backend.tokens_path)],
+                               capture_output=True, text=True)  # fmt: skip
+        assert probe.returncode != 0 and "Permission denied" in probe.stderr
+    finally:
+        backend.stop()
+
+
+DHCP_CLIENT = r"""
+import random, socket, struct, sys
+mac = bytes.fromhex(sys.argv[1].replace(":", ""))
+xid = random.getrandbits(32)
+opts = (b"\x35\x01\x01" + b"\x3c\x20PXEClient:Arch:00000:UNDI:002001" + b"\x5d\x02\x00\x00"
+        + b"\x5e\x03\x01\x02\x01" + b"\x61\x11\x00" + bytes(range(16)) + b"\x37\x05\x01\x03\x2b\x3c\x43" + b"\xff")
+packet = (struct.pack("!BBBBIHHIIII", 1, 1, 6, 0, xid, 0, 0x8000, 0, 0, 0, 0) + mac + b"\0" * 10
+          + b"\0" * 192 + b"\x63\x82\x53\x63" + opts)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"eth0")
+s.bind(("0.0.0.0", 68))
+s.settimeout(1.5)
+for _ in range(3):
+    s.sendto(packet, ("255.255.255.255", 67))
+    try:
+        while True:
+            data, peer = s.recvfrom(2048)
+            if len(data) > 240 and data[0] == 2 and struct.unpack("!I", data[4:8])[0] == xid:
+                print("offer", peer[0], b"PXEClient" in data[240:])
+                sys.exit(0)
+    except socket.timeout:
+        continue
+print("none")
+"""
+
+
+@pytest.fixture
+def client_netns(netns: str) -> Iterator[str]:
+    """A second namespace on the boot server's bridge (veth), where a DHCP client runs."""
+    name = f"{netns}-c"
+    peer = f"pc{os.getpid() % 100000}{next(_ns_counter)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", netns, "link", "add", peer, "type", "veth", "peer", "name", "eth0",
+                        "netns", name], check=True)  # fmt: skip
+        in_ns(netns, "ip", "link", "set", peer, "master", "br0", "up")
+        in_ns(name, "ip", "link", "set", "eth0", "up")
+        in_ns(name, "ip", "link", "set", "lo", "up")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def dhcp_discover(netns: str, mac: str) -> str:
+    return in_ns(netns, sys.executable, "-c", DHCP_CLIENT, mac).stdout.strip()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("proxy_any", [False, True], ids=["inventory-only", "proxy-any"])
+def test_proxy_mode_answers_only_the_inventorys_macs(
+    tmp_path: Path, store: Path, netns: str, client_netns: str, proxy_any: bool
+) -> None:
+    extra: dict[str, Any] = {"provision_boot_netns": netns, "provision_boot_interface": "br0",
+                             "provision_boot_dhcp_mode": "proxy", "provision_boot_router_advertisements": False}  # fmt: skip
+    if proxy_any:
+        extra["provision_boot_proxy_any"] = True
+    site_path = make_inventory(tmp_path, store=store, extra=extra)
+    backend = backend_of(site_path)
+    try:
+        served = provision_cli(site_path, "boot", "serve")
+        assert served.returncode == 0, served.stderr
+        assert dhcp_discover(client_netns, MACS["node01"]) == "offer 10.99.0.1 True"
+        unknown = dhcp_discover(client_netns, "52:54:00:99:00:99")
+        assert unknown == ("offer 10.99.0.1 True" if proxy_any else "none")
+    finally:
+        backend.stop()

@@ -12,6 +12,8 @@ Inventory variables (group_vars), read by ``GrendelSettings.from_config``:
                                    (default ``PROVISION_GRENDEL_TOKEN``; unused on the socket)
 ``provision_grendel_ca_file``      CA bundle for an https URL
 ``provision_grendel_tls_verify``   ``false`` to skip certificate checks (default ``true``)
+``provision_grendel_insecure_http`` ``true`` to send the token over plain ``http://`` to a
+                                   non-loopback server (refused otherwise)
 ``provision_grendel_timeout``      seconds per request (default 30)
 ``provision_grendel_firmware``     iPXE build for every host, e.g. ``snponly-x86_64.efi``
 ``provision_grendel_domain``       appended to host names for the boot NIC's ``fqdn``

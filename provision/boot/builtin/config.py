@@ -52,7 +52,8 @@ class BuiltinConfig:
     ``provision_gateway``, ``provision_dns_servers``, ``provision_default_image``,
     ``provision_ssh_authorized_keys`` (public keys the booted nodes fetch for
     root from ``<base_url>/ssh/authorized_keys``: the stateless role's
-    ``stateless_fetch_root_keys``).
+    ``stateless_fetch_root_keys``), ``provision_boot_proxy_any`` (false: in
+    proxy mode, boot information goes to the inventory's MACs only).
     """
 
     state_dir: Path
@@ -74,6 +75,7 @@ class BuiltinConfig:
     authorized_keys: tuple[str, ...] = ()
     join_url: str | None = None  # the join service the nodes' agents ask (kernel command line provision.join=)
     boot_tokens: bool = False  # provision_join_trust: token — a single-use token in each node's script
+    proxy_any: bool = False  # proxy mode: answer every PXE client, not only the inventory's MACs
 
     @property
     def base_url(self) -> str:
@@ -172,6 +174,7 @@ class BuiltinConfig:
             authorized_keys=keys,
             join_url=join.url if join.mode is JoinMode.AGENT else None,
             boot_tokens=join.mode is JoinMode.AGENT and join.trust is JoinTrust.TOKEN,
+            proxy_any=config_flag(config, "provision_boot_proxy_any", False),
         )
 
 
