@@ -120,8 +120,11 @@ def node_script(backend: BuiltinBackend, name: str) -> str:
 # Rendering (fast)
 
 
-def test_static_mode_renders_leases_scripts_and_links(site_path: Path, store: Path) -> None:
-    site = inventory.load(site_path)
+TOKENS = {"provision_join_mode": "agent", "provision_join_trust": "token"}  # the opt-in token policy
+
+
+def test_static_mode_renders_leases_scripts_and_links(tmp_path: Path, store: Path) -> None:
+    site = inventory.load(make_inventory(tmp_path, store=store, extra=TOKENS))
     backend = builtin_backend(site)
     result = sync_site(site, backend, activate=False)
     assert result.hosts_written == ("node01", "node02")
@@ -162,6 +165,7 @@ def test_static_mode_renders_leases_scripts_and_links(site_path: Path, store: Pa
     )
     assert f"initrd --name initrd.img {base}/initrd.img" in script
     assert "systemd.hostname=node01 provision.node=node01 provision.ip=10.99.0.11" in script
+    assert "provision.join=http://10.99.0.1:8740 provision.token=" in script  # the join service, the token
     assert f"provision.token={tokens['node01']} quiet || goto failed" in script  # the image's extras come last
     assert script.count("rd.neednet=1") == 1 and script.count(" ip=dhcp") == 1  # ...without repeats
     assert tokens["node01"] != tokens["node02"] and len(tokens["node01"]) >= 32
@@ -325,7 +329,8 @@ def test_versions_activate_and_roll_back(site_path: Path, store: Path) -> None:
     assert not (backend.docroot / "images" / IMAGE / V2).exists()
 
 
-def test_provision_flag_and_one_time_tokens(site_path: Path) -> None:
+def test_provision_flag_and_one_time_tokens(tmp_path: Path, store: Path) -> None:
+    site_path = make_inventory(tmp_path, store=store, extra=TOKENS)
     backend = backend_of(site_path)
     sync_site(inventory.load(site_path), backend, activate=False)
     first = json.loads(backend.tokens_path.read_text())["node01"]
@@ -339,9 +344,11 @@ def test_provision_flag_and_one_time_tokens(site_path: Path) -> None:
     assert backend.set_provision(["node01"], True) == ["node01"]
     second = json.loads(backend.tokens_path.read_text())["node01"]
     assert second != first and f"provision.token={second}" in node_script(backend, "node01")
-    assert not backend.consume_token("node01", first)
-    assert backend.consume_token("node01", second)
-    assert not backend.consume_token("node01", second)  # one time only
+    assert not backend.rotate_token("node01", first)
+    assert backend.rotate_token("node01", second)
+    assert not backend.rotate_token("node01", second)  # one time only
+    third = json.loads(backend.tokens_path.read_text())["node01"]
+    assert third != second and f"provision.token={third}" in node_script(backend, "node01")  # for the next boot
 
 
 def test_boot_backend_interface(tmp_path: Path, store: Path) -> None:
@@ -492,7 +499,7 @@ def test_serve_and_stop_are_idempotent_in_a_netns(tmp_path: Path, store: Path, n
         node02_url = f"http://10.99.0.1/boot/{mac_file_name(MACS['node02'])}.ipxe"
         in_ns(netns, "ip", "addr", "add", "10.99.0.12/24", "dev", "br0")
         script = in_ns(netns, "curl", "-fsS", "--interface", "10.99.0.12", node02_url).stdout
-        assert "provision.node=node02" in script and "provision.token=" in script
+        assert "provision.node=node02" in script
         denied = in_ns(netns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", node02_url).stdout
         assert denied == "403"
         (backend.docroot / "boot" / ".half-written.tmp").write_text("secret")
@@ -554,7 +561,7 @@ def test_node_boot_prepares_rack_r1_beside_a_broken_rack_r2(tmp_path: Path, stor
         in_ns(netns, "ip", "addr", "add", "10.99.0.11/24", "dev", "br0")
         url = f"http://10.99.0.1/boot/{mac_file_name(MACS['node01'])}.ipxe"
         node01 = in_ns(netns, "curl", "-fsS", "--interface", "10.99.0.11", url).stdout
-        assert f"/images/{IMAGE}/{V2}/vmlinuz" in node01 and "provision.token=" in node01
+        assert f"/images/{IMAGE}/{V2}/vmlinuz" in node01 and "provision.node=node01" in node01
     finally:
         backend.stop()
     assert service_pids(backend.conf_dir) == []
