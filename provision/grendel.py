@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypedDict, Unpack, cast
 from urllib.parse import quote
 
 import requests
@@ -395,6 +395,13 @@ class _Batch:
 # Transport
 
 
+class _Payload(TypedDict, total=False):
+    """What a request carries besides its method and path."""
+
+    params: Mapping[str, str] | None  # the query
+    body: Any  # sent as JSON
+
+
 class _Transport:
     """HTTP over a unix socket or TCP/TLS, with Grendel's errors made readable."""
 
@@ -593,16 +600,9 @@ class GrendelClient:
     # -- plumbing
 
     def _call(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        body: Any = None,
-        ok: tuple[int, ...] = (200,),
-        what: str,
+        self, method: str, path: str, *, what: str, ok: tuple[int, ...] = (200,), **payload: Unpack[_Payload]
     ) -> requests.Response:
-        resp = self._http.request(method, path, params=params, body=body, auth=self.api is GrendelApi.V2)
+        resp = self._http.request(method, path, auth=self.api is GrendelApi.V2, **payload)
         if resp.status_code in ok:
             return resp
         raise self._failure(resp, what)
