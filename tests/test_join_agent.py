@@ -541,7 +541,7 @@ def test_agent_refuses_foreign_paths(lab: Lab, node: NodeBoot, tmp_path: Path, s
     """Nothing outside /etc and /var/lib, nothing the manifest does not list, no "..": refused, nothing written."""
     script, _ = render_agent(tmp_path / "libexec")
     node.print_boot()
-    # The real service packs any absolute path a manifest lists: the agent is the one that refuses /root.
+    # The real service refuses to pack a path outside /etc and /var/lib (the agent retries: 503)...
     bundles = tmp_path / "bundles"
     (bundles / NODE / "files/root/.ssh").mkdir(parents=True)
     (bundles / NODE / "files/root/.ssh/authorized_keys").write_text("ssh-ed25519 AAAA\n")
@@ -555,16 +555,27 @@ def test_agent_refuses_foreign_paths(lab: Lab, node: NodeBoot, tmp_path: Path, s
     scratch = tmp_path / "root-outside"
     scratch.mkdir()
     refused = run_agent(script, service.start(), node, scratch, "--once")
-    assert refused.returncode == 1, refused.stderr
-    assert 'manifest: refusing path "/root/.ssh/authorized_keys" (only /etc and /var/lib)' in refused.stderr
+    assert refused.returncode == 75, refused.stderr
     assert list(scratch.rglob("*")) == []
     record = service.stop().nodes[NODE]
-    assert (record.bundles_served, record.last_report) == (1, None)
+    assert (record.bundles_served, record.last_report) == (0, None)
 
     manifest = {"files": [{"path": "/etc/provision-test/hello", "owner": "root", "group": "root", "mode": "0640"}]}
     tampered = TamperedService(Path(f"{node.key}.pub"))
     try:
         cases = {
+            # ...and the agent refuses it too, should a bundle ever carry one.
+            "outside-root": (
+                make_tar(
+                    {"root/.ssh/authorized_keys": b"ssh-ed25519 AAAA\n"},
+                    {
+                        "files": [
+                            {"path": "/root/.ssh/authorized_keys", "owner": "root", "group": "root", "mode": "0600"}
+                        ]
+                    },
+                ),
+                'manifest: refusing path "/root/.ssh/authorized_keys" (only /etc and /var/lib)',
+            ),
             "unlisted": (
                 make_tar({"etc/provision-test/hello": b"x\n", "etc/shadow": b"root::0:\n"}, manifest),
                 "refusing bundle member etc/shadow: not in the manifest",

@@ -74,6 +74,9 @@ def _file_entry(manifest: Path, entry: dict[str, object]) -> BundleFile:
         or pure == PurePosixPath("/")
     ):
         raise BundleError(f"{manifest}: path {raw_path!r} is not a normalized absolute path", hint="fix the manifest")
+    if pure.parts[1] not in ("etc", "var") or (pure.parts[1] == "var" and pure.parts[2:3] != ("lib",)):
+        # What the agent installs, the service packs: configuration and state, never /root, /usr, units, ...
+        raise BundleError(f"{manifest}: {raw_path} is outside /etc and /var/lib", hint="fix the join roles' paths")
     if not (
         isinstance(owner, str) and _ACCOUNT.fullmatch(owner) and isinstance(group, str) and _ACCOUNT.fullmatch(group)
     ):
