@@ -156,3 +156,40 @@ def test_the_token_policy_is_refused_where_it_cannot_hold(tmp_path: Path, extra:
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 1 and len(errors) == 1 and words in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+@NEEDS_TOOLS
+def test_the_agent_joins_with_its_boot_token(tmp_path: Path) -> None:
+    """The real agent (roles/join_agent) sends its token and key; the real service spends and rotates the token."""
+    from test_join_agent import NodeBoot, agent_env, make_key, render_agent
+
+    site = make_site(tmp_path)
+    backend = backend_for(site)
+    assert isinstance(backend, BuiltinBackend)
+    backend.prepare(site, site.nodes, PrepareOptions(serve=False))
+    mac = next(n.mac for n in site.nodes if n.name == NAME)
+    token = token_in(script_of(backend, mac))
+    write_bundle(site.state_dir / "service" / "bundles", NAME)
+    script, _ = render_agent(tmp_path / "libexec")
+    node = NodeBoot(tmp_path / "no-console.log", make_key(tmp_path / "ssh_host_ed25519_key"))
+    root = tmp_path / "root"
+    root.mkdir()
+
+    async def main() -> subprocess.CompletedProcess[str]:
+        service = JoinService.from_site(site)
+        host, port = await service.start("127.0.0.1", 0)
+        try:
+            env = agent_env(f"http://{host}:{port}", node, root, PROVISION_JOIN_NODE=NAME, PROVISION_JOIN_TOKEN=token)
+            proc = await asyncio.create_subprocess_exec(
+                "sh", str(script), "--once", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            out, err = await proc.communicate()
+            return subprocess.CompletedProcess(["agent"], proc.returncode or 0, out.decode(), err.decode())
+        finally:
+            await service.stop()
+
+    joined = asyncio.run(main())
+    assert joined.returncode == 0, joined.stderr
+    assert (root / "etc/munge/munge.key").read_bytes().startswith(SECRET)
+    assert token not in joined.stderr  # the token is never logged
+    assert token_in(script_of(backend, mac)) != token  # spent: the next boot gets another
