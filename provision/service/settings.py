@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from provision.errors import InventoryError
 from provision.inventory import Site
@@ -86,22 +86,14 @@ class JoinSettings:
             )
         port = _number(get("provision_join_port", DEFAULT_PORT), "provision_join_port", int, 1, 65535)
         poll = _number(get("provision_join_console_poll", 0.5), "provision_join_console_poll", float, 0.05, 60)
-        mode_raw = get("provision_join_mode") or JoinMode.AGENT
-        try:
-            mode = JoinMode(str(mode_raw).lower())
-        except ValueError:
-            raise InventoryError(
-                f"provision_join_mode: {mode_raw!r} is not a join mode",
-                hint="use agent (nodes fetch their bundle at every boot) or push (provision node join over SSH)",
-            ) from None
-        trust_raw = get("provision_join_trust") or JoinTrust.CONSOLE
-        try:
-            trust = JoinTrust(str(trust_raw).lower())
-        except ValueError:
-            raise InventoryError(
-                f"provision_join_trust: {trust_raw!r} is not a trust policy",
-                hint="use console (the default) or token (opt-in, for sites without console logs)",
-            ) from None
+        mode = _choice(
+            variables, "provision_join_mode", JoinMode.AGENT, "join mode",
+            "use agent (nodes fetch their bundle at every boot) or push (provision node join over SSH)",
+        )  # fmt: skip
+        trust = _choice(
+            variables, "provision_join_trust", JoinTrust.CONSOLE, "trust policy",
+            "use console (the default) or token (opt-in, for sites without console logs)",
+        )  # fmt: skip
         from provision.boot.base import config_flag
 
         return cls(
@@ -113,6 +105,18 @@ class JoinSettings:
             managed=config_flag(variables, "provision_join_service_managed", True),
             trust=trust,
         )
+
+
+_E = TypeVar("_E", bound=StrEnum)
+
+
+def _choice(variables: Mapping[str, Any], key: str, default: _E, what: str, hint: str) -> _E:
+    """A closed-set setting (a StrEnum member), ``default`` when unset."""
+    raw = variables.get(key) or default
+    try:
+        return type(default)(str(raw).lower())
+    except ValueError:
+        raise InventoryError(f"{key}: {raw!r} is not a {what}", hint=hint) from None
 
 
 def _address(value: Any, key: str) -> str | None:

@@ -324,26 +324,28 @@ class BuiltinBackend(Layout):
             save_tokens(self.tokens_path, tokens)
             self._render(reg)
 
-    def remove_hosts(self, names: Sequence[str]) -> list[str]:
-        removed: list[str] = []
+    @contextlib.contextmanager
+    def _editing(self) -> Iterator[tuple[Registry, dict[str, str], list[str]]]:
+        """The registry and the tokens under the lock; saved and rendered once a name is added to the list."""
         with self._locked() as reg:
             tokens = read_tokens(self.tokens_path)
-            for raw in names:
-                name = check_host_name(raw)
+            changed: list[str] = []
+            yield reg, tokens, changed
+            if changed:
+                save_tokens(self.tokens_path, tokens)
+                self._render(reg)
+
+    def remove_hosts(self, names: Sequence[str]) -> list[str]:
+        with self._editing() as (reg, tokens, removed):
+            for name in map(check_host_name, names):
                 if reg.hosts.pop(name, None) is not None:
                     tokens.pop(name, None)
                     removed.append(name)
-            if removed:
-                save_tokens(self.tokens_path, tokens)
-                self._render(reg)
         return removed
 
     def set_provision(self, names: Sequence[str], provision: bool) -> list[str]:
-        changed: list[str] = []
-        with self._locked() as reg:
-            tokens = read_tokens(self.tokens_path)
-            for raw in names:
-                name = check_host_name(raw)
+        with self._editing() as (reg, tokens, changed):
+            for name in map(check_host_name, names):
                 host = reg.hosts.get(name)
                 if host is None or host.provision == provision:
                     continue
@@ -353,9 +355,6 @@ class BuiltinBackend(Layout):
                 else:
                     tokens.pop(name, None)
                 changed.append(name)
-            if changed:
-                save_tokens(self.tokens_path, tokens)
-                self._render(reg)
         return changed
 
     def rotate_token(self, name: str, token: str) -> bool:
@@ -363,15 +362,12 @@ class BuiltinBackend(Layout):
         name = check_host_name(name)
         if not self.config.boot_tokens:
             return False
-        with self._locked() as reg:
-            tokens = read_tokens(self.tokens_path)
+        with self._editing() as (_, tokens, changed):
             expected = tokens.get(name)
-            if expected is None or not secrets.compare_digest(expected.encode(), token.encode()):
-                return False
-            tokens[name] = secrets.token_urlsafe(24)
-            save_tokens(self.tokens_path, tokens)
-            self._render(reg)
-        return True
+            if expected is not None and secrets.compare_digest(expected.encode(), token.encode()):
+                tokens[name] = secrets.token_urlsafe(24)
+                changed.append(name)
+        return bool(changed)
 
 
 if TYPE_CHECKING:
