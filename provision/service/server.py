@@ -91,6 +91,7 @@ class JoinService:
         self.nonces = Nonces()
         self.bundles = BundleStore(settings.bundles_dir)
         self.state = ServiceState(settings.status_file, nodes={name: NodeRecord() for name in self.nodes})
+        self.state.resume()
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.address: tuple[str, int] = (settings.address, settings.port)
@@ -119,6 +120,8 @@ class JoinService:
         key = boot.key("ssh-ed25519")
         fingerprint = key.fingerprint if key else None
         if boot.boot_id != record.boot_id:
+            if record.boot_id:
+                record.earlier_boots = [*record.earlier_boots, record.boot_id][-16:]
             record.boot_id = boot.boot_id
             record.boot_seen = now_iso()
             record.key_fingerprint = None
@@ -156,7 +159,7 @@ class JoinService:
             raise _Refused(403, "no console log for this node (provision_console_log)")
         follower = self.consoles[node.name]
         if boot_id != boot.boot_id:
-            if follower.seen_boot(boot_id):
+            if follower.seen_boot(boot_id) or boot_id in self.state.nodes[node.name].earlier_boots:
                 raise _Refused(403, "boot_id is an earlier boot of this node, not its current one")
             raise _Refused(503, "this boot has not appeared on the node's console yet", pending=True)
         key = boot.key("ssh-ed25519")
