@@ -33,7 +33,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from provision.errors import BmcError
-from provision.fanout import FanoutOptions, Outcome, fan_out_batches
+from provision.fanout import FanoutOptions, Outcome, fan_out_batches, run_limits
 from provision.inventory import Bmc, BmcProtocol, Node
 from provision.ipmi.errors import AUTH_HINT, BmcAuthError, BmcUnreachableError, OperationError
 from provision.ipmi.runner import Task, run_tasks
@@ -250,30 +250,14 @@ def _fan_out(
 
             def redfish_batch() -> None:
                 items = [(nodes[i].name, nodes[i].bmc) for i in redfish]
-                outcomes = run_clients(
-                    [(name, bmc) for name, bmc in items if bmc is not None],
-                    redfish_job,
-                    fanout=fanout,
-                    timeout=opts.timeout,
-                    retries=opts.retries,
-                    backoff=opts.backoff,
-                    retry_on=opts.retry_on,
-                    on_outcome=locked,
-                )
+                clients = [(name, bmc) for name, bmc in items if bmc is not None]
+                outcomes = run_clients(clients, redfish_job, **run_limits(opts, fanout), on_outcome=locked)
                 got.extend(zip(redfish, outcomes, strict=True))
 
             thread = threading.Thread(target=redfish_batch, name="redfish-batch")
             thread.start()
         if ipmi:
-            outcomes = run_tasks(
-                [task(nodes[i]) for i in ipmi],
-                fanout=fanout,
-                timeout=opts.timeout,
-                retries=opts.retries,
-                backoff=opts.backoff,
-                retry_on=opts.retry_on,
-                on_outcome=locked,
-            )
+            outcomes = run_tasks([task(nodes[i]) for i in ipmi], **run_limits(opts, fanout), on_outcome=locked)
             got.extend(zip(ipmi, outcomes, strict=True))
         if thread is not None:
             thread.join()
