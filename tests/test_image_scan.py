@@ -353,3 +353,18 @@ def test_secret_variable_names(name: str) -> None:
 )
 def test_public_variable_names(name: str) -> None:
     assert not SECRET_VARIABLE.search(name)
+
+
+@host_files
+def test_dracut_and_pam_artefacts_are_not_secrets(tmp_path: Path) -> None:
+    """What every real image has: pam-auth-update's state, dracut's passwd (root with no password field)."""
+    root = clean_tree(tmp_path / "root")
+    plant(root, "var/lib/pam/password", "Name: unix\nDefault: yes\nPriority: 256\n")
+    assert scan(root) == []
+    tree = clean_tree(tmp_path / "initrd-tree")
+    plant(tree, "etc/passwd", "root::0:0::/root:/bin/sh\n")
+    initrd = make_initrd(tree, tmp_path / "initrd.img")
+    assert scan_initrd(initrd, tree) == []
+    # ...but a password hash there is still one.
+    plant(tree, "etc/passwd", "root:$6$salt$Q2Fhc2ggdGhpcyBpcyBub3QgYSByZWFsIGhhc2g:0:0::/root:/bin/sh\n")
+    assert [f.path for f in scan_initrd(make_initrd(tree, tmp_path / "initrd2.img"), tree)] == ["/etc/passwd"]

@@ -152,6 +152,10 @@ def _public_key_material(data: bytes) -> bool:
     )
 
 
+# PAM's configuration and pam-auth-update's state (/var/lib/pam/password lists profile names): no secrets.
+_PAM_CONFIG = ("etc/pam.d/", "var/lib/pam/")
+
+
 def _name_rule(path: str) -> tuple[SecretKind, str, bool] | None:
     """(kind, detail, needs meaningful content) for a path that is a secret by its name alone."""
     name = os.path.basename(path)
@@ -182,7 +186,7 @@ def _name_rule(path: str) -> tuple[SecretKind, str, bool] | None:
         return SecretKind.PASSWORD_HASH, "old passwords", True
     if re.match(r"etc/credstore(\.encrypted)?/", rel):
         return SecretKind.SECRET_FILE, "systemd credential", False
-    if not rel.startswith(_CONFIG_DIRS) or lower.endswith(_CODE_SUFFIXES) or rel.startswith("etc/pam.d/"):
+    if not rel.startswith(_CONFIG_DIRS) or lower.endswith(_CODE_SUFFIXES) or rel.startswith(_PAM_CONFIG):
         return None
     if _TOKEN_NAME.search(name):
         return SecretKind.TOKEN, "", True
@@ -688,6 +692,9 @@ def scan_initrd(initrd: Path, root: Path | None = None, workdir: Path | None = N
                 findings += _read_cpio(inner, source, packaged)
                 if _skip_padding(inner):
                     raise ImageError(f"{source}: data after the archive, cannot scan it", hint="rebuild the image")
+    # dracut's /etc/passwd gives root an empty password field: the initramfs has no login to use it
+    # (rd.shell=0, rd.emergency=reboot on every node's command line), and it is no secret either.
+    findings = [f for f in findings if not (f.path == "/etc/passwd" and f.detail.endswith("has an empty password"))]
     return sorted(findings, key=lambda f: (f.path, f.kind))
 
 
