@@ -163,6 +163,7 @@ class Site:
         if rack:
             chosen = list(self.rack(rack).nodes)
         if nodes:
+            _check_nodeset_size(nodes)
             try:
                 wanted = NodeSet(nodes)
                 unknown = wanted.difference(NodeSet.fromlist([n.name for n in self.nodes]))
@@ -191,6 +192,21 @@ class Site:
         problems = self.problems_for(selected)
         if problems:
             raise ValidationError(problems)
+
+
+_NODESET_RANGE = re.compile(r"(\d+)\s*-\s*(\d+)")
+
+
+def _check_nodeset_size(nodes: str) -> None:
+    """Refuse before parsing a nodeset that would name more hosts than any site has (ClusterShell expands ranges)."""
+    too_big = len(nodes) > 10_000 or any(
+        int(end) - int(begin) >= MAX_RANGE_HOSTS for begin, end in _NODESET_RANGE.findall(nodes)
+    )
+    if too_big:
+        raise InventoryError(
+            f"--nodes: {nodes[:60]!r} names more than {MAX_RANGE_HOSTS} hosts",
+            hint="write a nodeset of the inventory's nodes, e.g. cn[01-04],gpu01",
+        )
 
 
 # --------------------------------------------------------------------------

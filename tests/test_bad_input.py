@@ -89,19 +89,21 @@ def run_case(case: Case, base: Path) -> Outcome:
     }
     for key in ("ANSIBLE_VAULT_PASSWORD_FILE", "PROVISION_STATE_DIR", "PROVISION_CACHE_DIR"):
         env.pop(key, None)
-    result = subprocess.run(
-        [sys.executable, "-m", "provision", *case.args],
-        cwd=root,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    return Outcome(
-        result.returncode, result.stdout, result.stderr, before, snapshot(root), sentinel_before, snapshot(sentinel)
-    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "provision", *case.args],
+            cwd=root,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        code, stdout, stderr = result.returncode, result.stdout, result.stderr
+    except subprocess.TimeoutExpired:
+        code, stdout, stderr = -1, "", "timed out after 120 s"  # this case fails, the others still run
+    return Outcome(code, stdout, stderr, before, snapshot(root), sentinel_before, snapshot(sentinel))
 
 
 @pytest.fixture(scope="module")
