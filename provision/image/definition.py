@@ -176,7 +176,8 @@ _DEFAULT_RELEASE_OK = {Distro.DEBIAN: re.compile(r"^[a-z]+$"), Distro.ROCKY: re.
 
 
 def _fail(image: str, key: str, message: str, fix: str) -> ImageError:
-    return ImageError(f"image {image}: {key}: {message}", hint=fix)
+    label = image if is_exact_image_name(image) else repr(image)  # a bad name is quoted, never printed raw
+    return ImageError(f"image {label}: {key}: {message}", hint=fix)
 
 
 def _str(image: str, key: str, value: Any, *, pattern: re.Pattern[str] | None = None, fix: str = "") -> str:
