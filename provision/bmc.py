@@ -6,8 +6,11 @@ one socket (provision.ipmi.runner), a few packets and a few HMACs per node,
 so a rack's worth of BMCs is answered in about the time the slowest one
 takes. provision.fanout still cuts the work into batches (``--batch``,
 ``--batch-wait``) and, if asked, worker processes. The inventory's
-``provision_bmc_protocol`` picks the protocol; IPMI v2.0 LAN (RMCP+,
-"lanplus") is the one implemented, a later issue adds Redfish.
+``provision_bmc_protocol`` picks the protocol per node, so a rack may mix
+them: IPMI v2.0 LAN (RMCP+, "lanplus") nodes of a batch run in that event
+loop, Redfish nodes (provision.redfish, over sushy) in a thread pool beside
+it, each with at most ``--fanout`` in flight and the same timeout, retries
+and per-node ``Outcome``.
 
 The operations are the standard chassis commands (Get Chassis Status,
 Chassis Control, Get/Set System Boot Options), as FreeIPMI's ipmipower uses,
@@ -23,18 +26,22 @@ reports another setting than the one it acknowledged.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from provision.errors import BmcError
-from provision.fanout import FanoutOptions, Outcome, fan_out_batches
+from provision.fanout import FanoutOptions, Outcome, fan_out_batches, run_limits
 from provision.inventory import Bmc, BmcProtocol, Node
 from provision.ipmi.errors import AUTH_HINT, BmcAuthError, BmcUnreachableError, OperationError
 from provision.ipmi.runner import Task, run_tasks
 from provision.ipmi.session import Operation, Request
 from provision.ipmi.wire import IpmiResponse, completion_code
+
+if TYPE_CHECKING:
+    from provision.redfish import RedfishClient
 
 log = logging.getLogger(__name__)
 
@@ -191,13 +198,6 @@ def _require_bmc(node: Node) -> Bmc:
     return node.bmc
 
 
-def _unsupported(bmc: Bmc) -> BmcError:
-    return BmcError(
-        f"BMC protocol {bmc.protocol} is not implemented yet",
-        hint="set provision_bmc_protocol: ipmi for this node (Redfish support is planned)",
-    )
-
-
 def _power_result(action: PowerAction, state: PowerState) -> dict[str, Any]:
     if action == PowerAction.STATUS:
         return {"power": str(state)}
@@ -214,20 +214,19 @@ def fanout_options(count: int, **kwargs: Any) -> FanoutOptions:
 def _fan_out(
     nodes: Sequence[Node],
     operation: Callable[[], Operation],
+    redfish_job: Callable[[RedfishClient], Any],
     *,
     privileged: bool,
     options: FanoutOptions | None,
     on_outcome: Callable[[Outcome], None] | None = None,
     on_batch_wait: Callable[[int, float], None] | None = None,
 ) -> list[Outcome]:
-    """``operation`` on every node's BMC: one event loop per batch (and per worker process)."""
+    """Every node's BMC: IPMI ``operation`` in one event loop per batch, ``redfish_job`` in threads beside it."""
     opts = options or fanout_options(len(nodes))
 
     def task(node: Node) -> Task:
         try:
             bmc = _require_bmc(node)
-            if bmc.protocol != BmcProtocol.IPMI:
-                raise _unsupported(bmc)
         except BmcError as exc:
             return Task(node.name, "", 0, "", str, operation, error=exc)
         return Task(node.name, bmc.address, bmc.port, bmc.user, bmc.password.reveal, operation, privileged=privileged)
@@ -235,16 +234,34 @@ def _fan_out(
     def run_batch(
         indexes: list[int], fanout: int, report: Callable[[Outcome], None] | None
     ) -> list[tuple[int, Outcome]]:
-        outcomes = run_tasks(
-            [task(nodes[i]) for i in indexes],
-            fanout=fanout,
-            timeout=opts.timeout,
-            retries=opts.retries,
-            backoff=opts.backoff,
-            retry_on=opts.retry_on,
-            on_outcome=report,
-        )
-        return list(zip(indexes, outcomes, strict=True))
+        redfish = [i for i in indexes if (b := nodes[i].bmc) is not None and b.protocol == BmcProtocol.REDFISH]
+        ipmi = [i for i in indexes if i not in set(redfish)]
+        lock = threading.Lock()
+
+        def locked(outcome: Outcome) -> None:
+            if report is not None:
+                with lock:
+                    report(outcome)
+
+        got: list[tuple[int, Outcome]] = []
+        thread = None
+        if redfish:
+            from provision.redfish import run_clients
+
+            def redfish_batch() -> None:
+                items = [(nodes[i].name, nodes[i].bmc) for i in redfish]
+                clients = [(name, bmc) for name, bmc in items if bmc is not None]
+                outcomes = run_clients(clients, redfish_job, **run_limits(opts, fanout), on_outcome=locked)
+                got.extend(zip(redfish, outcomes, strict=True))
+
+            thread = threading.Thread(target=redfish_batch, name="redfish-batch")
+            thread.start()
+        if ipmi:
+            outcomes = run_tasks([task(nodes[i]) for i in ipmi], **run_limits(opts, fanout), on_outcome=locked)
+            got.extend(zip(ipmi, outcomes, strict=True))
+        if thread is not None:
+            thread.join()
+        return got
 
     return fan_out_batches(
         len(nodes),
@@ -265,9 +282,16 @@ def power_nodes(
     nodes: Sequence[Node], action: PowerAction, options: FanoutOptions | None = None, **hooks: Any
 ) -> list[Outcome]:
     """``action`` on every node: one Outcome per node (value ``{"power": ..., "action": ...}``), in order."""
+
+    def redfish_job(client: RedfishClient) -> dict[str, Any]:
+        from provision import redfish
+
+        return _power_result(action, PowerState(redfish.power(client, str(action))))
+
     return _fan_out(
         nodes,
         lambda: _mapped(power_operation(action), lambda state: _power_result(action, state)),
+        redfish_job,
         privileged=action != PowerAction.STATUS,  # Get Chassis Status is a user-level command
         options=options,
         **hooks,
@@ -295,7 +319,28 @@ def bootdev_nodes(
             )
         return setting.as_dict()
 
-    return _fan_out(nodes, operation, privileged=True, options=options, **hooks)
+    def redfish_job(client: RedfishClient) -> dict[str, Any]:
+        from provision import redfish
+
+        wanted = _setting(redfish.set_boot(client, str(device), persistent=persistent, uefi=uefi))
+        setting = _setting(redfish.read_boot(client))
+        _check_kept(client.where, wanted, setting, device)
+        return setting.as_dict()
+
+    return _fan_out(nodes, operation, redfish_job, privileged=True, options=options, **hooks)
+
+
+def _check_kept(where: str, wanted: BootSetting, setting: BootSetting, device: BootDevice) -> None:
+    if setting != wanted and not (device == BootDevice.NONE == setting.device):
+        raise BmcError(
+            f"{where}: boot device reads back as {_describe(setting)} after setting {_describe(wanted)}",
+            hint="the BMC does not keep this boot setting: check its firmware's boot options (or its web UI)",
+        )
+
+
+def _setting(override: Any) -> BootSetting:
+    """A provision.redfish.BootOverride as a BootSetting."""
+    return BootSetting(BootDevice(override.device), persistent=override.persistent, uefi=override.uefi)
 
 
 def _describe(setting: BootSetting) -> str:
@@ -308,6 +353,17 @@ def _describe(setting: BootSetting) -> str:
 
 def bootdev_get_nodes(nodes: Sequence[Node], options: FanoutOptions | None = None, **hooks: Any) -> list[Outcome]:
     """Read every node's boot device setting (value: ``BootSetting.as_dict()``)."""
+
+    def redfish_job(client: RedfishClient) -> dict[str, Any]:
+        from provision import redfish
+
+        return _setting(redfish.read_boot(client)).as_dict()
+
     return _fan_out(
-        nodes, lambda: _mapped(boot_device_operation(), BootSetting.as_dict), privileged=True, options=options, **hooks
+        nodes,
+        lambda: _mapped(boot_device_operation(), BootSetting.as_dict),
+        redfish_job,
+        privileged=True,
+        options=options,
+        **hooks,
     )

@@ -42,6 +42,9 @@ from provision.fanout import FanoutOptions, Outcome
 from provision.files import write_atomic
 from provision.inventory import Node, Site
 from provision.probe import ssh_answers
+from provision.serve import serve
+from provision.service.settings import JoinMode, JoinSettings
+from provision.service.state import NodeRecord, ReportStatus, read_status
 
 
 class Stage(StrEnum):
@@ -60,6 +63,8 @@ class Stage(StrEnum):
 STAGES = tuple(Stage)
 # Seconds an up node waits for others to come up and join in the same playbook run.
 JOIN_GATHER = 15.0
+# Seconds after --timeout for an up node's agent to report it joined.
+AGENT_JOIN_TIMEOUT = 300.0
 _ORDER = {stage: index for index, stage in enumerate(STAGES)}
 _FROM_PHASE = {
     Phase.DHCP_ACK: Stage.DHCP,
@@ -91,6 +96,10 @@ class NodeProgress:
     def up(self) -> bool:
         return not self.failed and Stage.SSH in self.reached
 
+    @property
+    def joined(self) -> bool:
+        return not self.failed and Stage.JOINED in self.reached
+
     def reach(self, stage: Stage, seconds: float) -> bool:
         if stage in self.reached:
             return False
@@ -120,6 +129,9 @@ class NodeProgress:
 class BootSettings:
     image: str | None = None  # boot this image instead of the inventory's
     timeout: float = 600.0  # power-on to sshd answering, per node
+    # Power-on to the first DHCP request, per node, where the backend sees DHCP
+    # (firmware POST on large servers takes minutes; a wrong MAC fails here early).
+    dhcp_timeout: float = 300.0
     join: bool = False
     join_timeout: int | None = None  # seconds for the whole join run
     poll: float = 1.0
@@ -128,6 +140,8 @@ class BootSettings:
     def __post_init__(self) -> None:
         if self.timeout <= 0:
             raise BootError(f"--timeout: {self.timeout} must be positive", hint="e.g. --timeout 600")
+        if self.dhcp_timeout <= 0:
+            raise BootError(f"--dhcp-timeout: {self.dhcp_timeout} must be positive", hint="e.g. --dhcp-timeout 300")
 
 
 Update = Callable[[str, Sequence[NodeProgress]], None]
@@ -156,6 +170,9 @@ class NodeBoot:
         self.known_hosts_dir = site.settings.known_hosts_dir
         self.boot_hosts = site_hosts(site, self.nodes)  # MAC/IP to node name for the boot logs
         self._backend: BootBackend | None = backend
+        self.join_settings = JoinSettings.from_site(site)
+        self.agent_join = self.join_settings.mode is JoinMode.AGENT
+        self._reports_before: dict[str, str | None] = {}  # each node's last agent report before power-on
         self._lock = threading.RLock()
         self._t0 = 0.0
         self._wall0 = datetime.now(UTC)
@@ -207,10 +224,23 @@ class NodeBoot:
     def sync(self) -> None:
         """Prepare the backend for the selection (hosts, image, services) and set the nodes to network-boot."""
         image_for = {n.name: self.settings.image for n in self.nodes} if self.settings.image else None
-        prepared = self.backend.prepare(self.site, self.nodes, image_for=image_for, activate=True)
+        served = serve(
+            self.site,
+            self.nodes,
+            backend=self.backend,
+            image_for=image_for,
+            activate=True,
+            vault_password_file=self.vault_password_file,
+        )
         self.backend.set_provision([n.name for n in self.nodes], True)
-        images = ", ".join(f"{k} {v}" for k, v in prepared.images.items())
-        self._note(f"boot backend: {len(prepared.hosts_written)} hosts written; {images}")
+        images = ", ".join(f"{k} {v}" for k, v in served.boot.images.items())
+        self._note(f"boot backend: {len(served.boot.hosts_written)} hosts written; {images}")
+        joined = served.join
+        for name, error in joined.failed.items():  # such a node would boot and never get its bundle
+            self.progress[name].fail(f"join bundle: {error}", "run `ansible-playbook playbooks/bundle.yml` -v")
+        if joined.url:
+            where = f"join service {joined.url}" + (" (started by provision)" if joined.pid else "")
+            self._note(f"{where}: {len(joined.rendered) - len(joined.failed)} bundles rendered")
 
     # -- 3. power ----------------------------------------------------------------
     def power(self) -> None:
@@ -221,9 +251,11 @@ class NodeBoot:
             (self.known_hosts_dir / node.name).unlink(missing_ok=True)  # last boot's key is not this boot's
         for console in self.consoles.values():
             console.mark()
+        self._reports_before = {name: self._report_key(record) for name, record in self._agent_records().items()}
         opts = self.settings.fanout or fanout_options(len(self.nodes))
         self.start_clock()
-        for outcome in bootdev_nodes(self.nodes, BootDevice.PXE, options=opts):
+        todo = [n for n in self.nodes if not self.progress[n.name].failed]
+        for outcome in bootdev_nodes(todo, BootDevice.PXE, options=opts):
             if not outcome.ok:
                 self.progress[outcome.node].fail(f"BMC: {outcome.error}", outcome.hint or "")
         ready = [n for n in self.nodes if not self.progress[n.name].failed]
@@ -277,6 +309,7 @@ class NodeBoot:
     def follow(self) -> None:
         """Poll the logs, consoles and sshd until every node is up or failed, or the timeout."""
         deadline = self._t0 + self.settings.timeout
+        join_deadline = deadline + (self.settings.join_timeout or AGENT_JOIN_TIMEOUT)
         probes: dict[str, Future[bool]] = {}
         last_probe: dict[str, float] = {}
         events: list[BootEvent] = []
@@ -286,14 +319,18 @@ class NodeBoot:
         join_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="join")
         with ThreadPoolExecutor(max_workers=min(32, max(1, len(self.nodes))), thread_name_prefix="probe") as pool:
             while True:
-                if self.settings.join:
+                if self.settings.join and not self.agent_join:
                     batch = self._join_batch(submitted, up_since)
                     if batch:
                         submitted.update(batch)
                         joins.append(join_pool.submit(self.join, batch))
+                if self.settings.join and self.agent_join:
+                    self._apply_reports()
                 events = self._backend_events()
                 self._apply_events(events)
                 self._pin_host_keys()
+                if events:  # the backend sees DHCP: a node silent past --dhcp-timeout fails now
+                    self._fail_silent(events)
                 now = time.monotonic()
                 for progress in self.progress.values():
                     if progress.failed or progress.up or Stage.POWER not in progress.reached:
@@ -313,11 +350,19 @@ class NodeBoot:
                         last_probe[progress.name] = now
                         probes[progress.name] = pool.submit(ssh_answers, progress.ip, 22, netns=self.netns, timeout=2.0)
                 pending = [p for p in self.progress.values() if not p.failed and not p.up]
-                if not pending or now >= deadline:
+                if self.settings.join and self.agent_join:
+                    joining = [p for p in self.progress.values() if p.up and not p.failed and not p.joined]
+                    if pending and now >= deadline:
+                        break
+                    if not pending and (not joining or now >= join_deadline):
+                        break
+                elif not pending or now >= deadline:
                     break
                 time.sleep(self.settings.poll)
         self._finish_follow(events)
-        if self.settings.join:
+        if self.settings.join and self.agent_join:
+            self._finish_agent_join()
+        if self.settings.join and not self.agent_join:
             batch = self._join_batch(submitted, up_since, final=True)
             if batch:
                 joins.append(join_pool.submit(self.join, batch))
@@ -344,24 +389,83 @@ class NodeBoot:
             return ready
         return []
 
+    # -- the agents' reports (provision_join_mode: agent) ----------------------------
+    def _agent_records(self) -> dict[str, NodeRecord]:
+        status = read_status(self.join_settings.status_file)
+        return {n: r for n, r in (status.nodes.items() if status else ()) if n in self.progress}
+
+    @staticmethod
+    def _report_key(record: NodeRecord) -> str | None:
+        report = record.last_report
+        return f"{report.get('boot_id')}@{report.get('time')}" if report else None
+
+    def _apply_reports(self) -> None:
+        """A node is joined when its own agent reports it, from a boot after power-on."""
+        for name, record in self._agent_records().items():
+            progress, report = self.progress[name], record.last_report
+            if progress.failed or progress.joined or not report:
+                continue
+            if self._report_key(record) == self._reports_before.get(name) or report.get("boot_id") != record.boot_id:
+                continue  # the previous boot's report, or one the console has not confirmed
+            try:
+                when = datetime.fromisoformat(report["time"]).timestamp() - self._wall0.timestamp()
+            except (KeyError, ValueError):
+                when = self._elapsed()
+            if report.get("status") == ReportStatus.JOINED:
+                progress.reach(Stage.SSH, min(when, progress.reached.get(Stage.SSH, when)))
+                progress.reach(Stage.JOINED, when)
+                self._note(f"{name}: joined (its agent reported)")
+            else:
+                progress.fail(f"join: the node's agent failed at {report.get('step', '?')}", "see its console")
+                self._note(f"{name}: {progress.error}")
+
+    def _finish_agent_join(self) -> None:
+        self._apply_reports()
+        refusals: dict[str, str] = {}
+        status = read_status(self.join_settings.status_file)
+        for event in status.refusals() if status else ():
+            if event.time >= self._wall0.timestamp():
+                refusals[event.node] = event.detail  # the last refusal per node
+        for progress in self.progress.values():
+            if progress.failed or progress.joined or not progress.up:
+                continue
+            why = refusals.get(progress.name)
+            progress.fail(
+                "join: no report from the node's agent" + (f"; the join service refused it: {why}" if why else ""),
+                f"the node asks {self.join_settings.url}; see `provision boot status` and its journal "
+                "(journalctl -u provision-join-agent)",
+            )
+
+    def _no_dhcp_hint(self, progress: NodeProgress, events: Sequence[BootEvent]) -> str:
+        unknown = self._unknown_macs(events)
+        return (
+            f"no DHCP request from {progress.mac} (provision_mac) since power-on"
+            + (f"; unknown MACs asked for DHCP: {', '.join(unknown)} — is provision_mac right?" if unknown else "")
+            + "; check the NIC's PXE setting and the cabling"
+        )
+
+    def _fail_silent(self, events: Sequence[BootEvent]) -> None:
+        """Fail nodes powered on more than ``dhcp_timeout`` ago that never asked for DHCP."""
+        elapsed = self._elapsed()
+        for progress in self.progress.values():
+            if progress.failed or progress.last is not Stage.POWER:
+                continue
+            if elapsed - progress.reached[Stage.POWER] >= self.settings.dhcp_timeout:
+                progress.fail(
+                    f"no DHCP request {self.settings.dhcp_timeout:.0f} s after power-on (last stage: power)",
+                    self._no_dhcp_hint(progress, events),
+                )
+                self._note(f"{progress.name}: {progress.error}")
+
     def _finish_follow(self, events: Sequence[BootEvent]) -> None:
         self._pin_host_keys()  # sshd starts after the key is printed; the log may lag a little
-        unknown = self._unknown_macs(events)
         for progress in self.progress.values():
             if progress.failed or progress.up:
                 continue
             last = progress.last
             hint = "see the console tail" if progress.name in self.consoles else "look at the node's console"
             if last in (None, Stage.POWER):
-                hint = (
-                    f"no DHCP request from {progress.mac} (provision_mac) since power-on"
-                    + (
-                        f"; unknown MACs asked for DHCP: {', '.join(unknown)} — is provision_mac right?"
-                        if unknown
-                        else ""
-                    )
-                    + "; check the NIC's PXE setting and the cabling"
-                )
+                hint = self._no_dhcp_hint(progress, events)
             progress.fail(
                 f"not up after {self.settings.timeout:.0f} s (last stage: {last or 'none'})",
                 hint,

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 from provision.errors import ProvisionError
 
@@ -92,6 +92,26 @@ class FanoutOptions:
             raise ProvisionError(f"--timeout: {self.timeout} must be positive", hint="use e.g. 30s")
         if self.retries < 0:
             raise ProvisionError(f"--retries: {self.retries} must not be negative", hint="use e.g. 2")
+
+
+class RunLimits(TypedDict):
+    """What every protocol's runner takes from FanoutOptions for one batch."""
+
+    fanout: int
+    timeout: float | None
+    retries: int
+    backoff: float
+    retry_on: tuple[type[BaseException], ...]
+
+
+def run_limits(options: FanoutOptions, fanout: int) -> RunLimits:
+    return RunLimits(
+        fanout=fanout,
+        timeout=options.timeout,
+        retries=options.retries,
+        backoff=options.backoff,
+        retry_on=options.retry_on,
+    )
 
 
 # Runs the items at ``indexes`` with at most ``fanout`` in flight; calls

@@ -24,15 +24,18 @@ the ``Authorization`` header: never logged, never in an exception.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
 import os
 import re
+import urllib.parse
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypedDict, Unpack, cast
 from urllib.parse import quote
 
 import requests
@@ -109,6 +112,7 @@ class GrendelSettings:
     firmware: str | None = None
     domain: str | None = None
     repo_dir: str = DEFAULT_REPO_DIR
+    insecure_http: bool = False  # send the bearer token over plain http:// to a non-loopback server
 
     def __post_init__(self) -> None:
         if self.url and self.socket:
@@ -167,6 +171,7 @@ class GrendelSettings:
             firmware=str(config["provision_grendel_firmware"]) if config.get("provision_grendel_firmware") else None,
             domain=str(config["provision_grendel_domain"]) if config.get("provision_grendel_domain") else None,
             repo_dir=str(config.get("provision_grendel_repo_dir") or DEFAULT_REPO_DIR),
+            insecure_http=config_flag(config, "provision_grendel_insecure_http", False),
         )
 
     def require_endpoint(self) -> None:
@@ -390,6 +395,13 @@ class _Batch:
 # Transport
 
 
+class _Payload(TypedDict, total=False):
+    """What a request carries besides its method and path."""
+
+    params: Mapping[str, str] | None  # the query
+    body: Any  # sent as JSON
+
+
 class _Transport:
     """HTTP over a unix socket or TCP/TLS, with Grendel's errors made readable."""
 
@@ -417,6 +429,23 @@ class _Transport:
     def close(self) -> None:
         self.session.close()
 
+    def _check_token_transport(self) -> None:
+        """The bearer token goes over TLS, a unix socket or loopback; plain http:// elsewhere only when the site says so."""
+        url = self.settings.url or ""
+        if not url.startswith("http://") or self.settings.insecure_http:
+            return
+        host = urllib.parse.urlsplit(url).hostname or ""
+        with contextlib.suppress(ValueError):
+            if ipaddress.ip_address(host).is_loopback:
+                return
+        if host == "localhost":
+            return
+        raise GrendelError(
+            f"refusing to send the Grendel API token to {url} over plain HTTP (anyone on the path can read it)",
+            hint="use an https:// provision_grendel_url (or the unix socket), or set "
+            "provision_grendel_insecure_http: true for a network nobody else can reach",
+        )
+
     def token(self) -> str | None:
         value = os.environ.get(self.settings.token_env)
         return value.strip() if value and value.strip() else None
@@ -434,6 +463,7 @@ class _Transport:
         if auth and not self.settings.socket:
             token = self.token()
             if token:
+                self._check_token_transport()
                 headers["Authorization"] = f"Bearer {token}"
         url = self.settings.base_url + path
         log.debug("grendel: %s %s", method, path)
@@ -570,16 +600,9 @@ class GrendelClient:
     # -- plumbing
 
     def _call(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        body: Any = None,
-        ok: tuple[int, ...] = (200,),
-        what: str,
+        self, method: str, path: str, *, what: str, ok: tuple[int, ...] = (200,), **payload: Unpack[_Payload]
     ) -> requests.Response:
-        resp = self._http.request(method, path, params=params, body=body, auth=self.api is GrendelApi.V2)
+        resp = self._http.request(method, path, auth=self.api is GrendelApi.V2, **payload)
         if resp.status_code in ok:
             return resp
         raise self._failure(resp, what)

@@ -36,6 +36,15 @@ class BmcProtocol(StrEnum):
     IPMI = "ipmi"
     REDFISH = "redfish"
 
+    @property
+    def default_port(self) -> int:
+        return 443 if self is BmcProtocol.REDFISH else 623
+
+
+class RedfishAuth(StrEnum):
+    SESSION = "session"  # POST SessionService/Sessions, X-Auth-Token, session deleted at the end
+    BASIC = "basic"  # HTTP basic auth on every request
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -73,12 +82,25 @@ class Secret:
 
 
 @dataclass(frozen=True)
+class BmcTls:
+    """How a Redfish BMC's certificate is checked: the system CAs unless one of these is set."""
+
+    ca_file: str | None = None  # provision_bmc_ca_file: a PEM bundle (the site's CA)
+    fingerprint: str | None = None  # provision_bmc_tls_fingerprint: SHA-256 of the certificate (DER), hex
+    insecure: bool = False  # provision_bmc_tls_insecure: no check at all (warned about on every run)
+
+
+@dataclass(frozen=True)
 class Bmc:
     address: str
     user: str
     password: Secret = field(repr=False)
     port: int = 623
     protocol: BmcProtocol = BmcProtocol.IPMI
+    # Redfish only
+    redfish_auth: RedfishAuth = RedfishAuth.SESSION
+    tls: BmcTls = field(default_factory=BmcTls)
+    system_id: str | None = None  # provision_bmc_system_id: else the single member of /redfish/v1/Systems
 
 
 @dataclass(frozen=True)
@@ -499,35 +521,8 @@ def _make_node(
             )
         )
 
-    bmc = None
-    address = get("provision_bmc_address")
-    user = get("provision_bmc_user")
-    port_raw = get("provision_bmc_port", 623)
-    protocol_raw = get("provision_bmc_protocol", "ipmi")
-    if not address:
-        problems.append(Problem(name, "provision_bmc_address", "missing", "set the BMC's address (host or IP)"))
-    if not user:
-        problems.append(Problem(name, "provision_bmc_user", "missing", "set the BMC user name"))
-    port = _bmc_port(port_raw)
-    if port is None:
-        port = 623
-        problems.append(Problem(name, "provision_bmc_port", f"{port_raw!r} is not a port", "use 1-65535 (IPMI: 623)"))
-    value_problems = _bmc_value_problems(name, address, user)
-    problems.extend(value_problems)
-    if value_problems:
-        address = user = None
-    try:
-        protocol = BmcProtocol(str(protocol_raw).lower())
-    except ValueError:
-        protocol = BmcProtocol.IPMI
-        problems.append(
-            Problem(name, "provision_bmc_protocol", f"unknown protocol {protocol_raw!r}", "use one of: ipmi, redfish")
-        )
-    password, password_problem = _password(name, hv, templar)
-    if password_problem:
-        problems.append(password_problem)
-    if address and user:
-        bmc = Bmc(address=str(address), user=str(user), password=password, port=port, protocol=protocol)
+    bmc, bmc_problems = _make_bmc(name, hv, get, templar)
+    problems.extend(bmc_problems)
 
     groups = tuple(sorted(g for g in hv.get("group_names", ()) if not g.startswith(RACK_PREFIX)))
     console_log = get("provision_console_log")
@@ -632,6 +627,120 @@ def _is_ip(text: str) -> bool:
     except (netaddr.AddrFormatError, ValueError, TypeError):
         return False
     return True
+
+
+def _make_bmc(name: str, hv: dict[str, Any], get: Callable[..., Any], templar: Any) -> tuple[Bmc | None, list[Problem]]:
+    """The node's BMC fields (``provision_bmc_*``) and what is wrong with them."""
+    problems: list[Problem] = []
+    address = get("provision_bmc_address")
+    user = get("provision_bmc_user")
+    protocol_raw = get("provision_bmc_protocol", "ipmi")
+    try:
+        protocol = BmcProtocol(str(protocol_raw).lower())
+    except ValueError:
+        protocol = BmcProtocol.IPMI
+        problems.append(
+            Problem(name, "provision_bmc_protocol", f"unknown protocol {protocol_raw!r}", "use one of: ipmi, redfish")
+        )
+    if not address:
+        problems.append(Problem(name, "provision_bmc_address", "missing", "set the BMC's address (host or IP)"))
+    if not user:
+        problems.append(Problem(name, "provision_bmc_user", "missing", "set the BMC user name"))
+    port_raw = get("provision_bmc_port", protocol.default_port)
+    port = _bmc_port(port_raw)
+    if port is None:
+        port = protocol.default_port
+        problems.append(
+            Problem(name, "provision_bmc_port", f"{port_raw!r} is not a port", "use 1-65535 (IPMI: 623, Redfish: 443)")
+        )
+    value_problems = _bmc_value_problems(name, address, user)
+    problems.extend(value_problems)
+    if value_problems:
+        address = user = None
+    auth = RedfishAuth.SESSION
+    tls = BmcTls()
+    system_id = None
+    if protocol is BmcProtocol.REDFISH:
+        auth, tls, system_id = _redfish_fields(name, get, problems)
+    password, password_problem = _password(name, hv, templar)
+    if password_problem:
+        problems.append(password_problem)
+    if not (address and user):
+        return None, problems
+    bmc = Bmc(
+        address=str(address),
+        user=str(user),
+        password=password,
+        port=port,
+        protocol=protocol,
+        redfish_auth=auth,
+        tls=tls,
+        system_id=system_id,
+    )
+    return bmc, problems
+
+
+_FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _redfish_fields(
+    name: str, get: Callable[..., Any], problems: list[Problem]
+) -> tuple[RedfishAuth, BmcTls, str | None]:
+    auth_raw = get("provision_bmc_redfish_auth", "session")
+    try:
+        auth = RedfishAuth(str(auth_raw).lower())
+    except ValueError:
+        auth = RedfishAuth.SESSION
+        problems.append(
+            Problem(name, "provision_bmc_redfish_auth", f"unknown auth {auth_raw!r}", "use one of: session, basic")
+        )
+    ca_file = get("provision_bmc_ca_file")
+    ca = str(ca_file) if ca_file else None
+    if ca and not Path(ca).is_file():
+        problems.append(
+            Problem(name, "provision_bmc_ca_file", f"{ca} is not a file", "point it at the PEM bundle of the BMCs' CA")
+        )
+    raw_fp = get("provision_bmc_tls_fingerprint")
+    fingerprint = None
+    if raw_fp:
+        fingerprint = str(raw_fp).replace(":", "").strip().lower()
+        if not _FINGERPRINT.match(fingerprint):
+            problems.append(
+                Problem(
+                    name,
+                    "provision_bmc_tls_fingerprint",
+                    f"{raw_fp!r} is not a SHA-256 fingerprint",
+                    "64 hex digits, colons allowed: openssl x509 -noout -fingerprint -sha256 -in bmc.pem",
+                )
+            )
+    insecure_raw = get("provision_bmc_tls_insecure", False)
+    if not isinstance(insecure_raw, bool):
+        problems.append(
+            Problem(name, "provision_bmc_tls_insecure", f"{insecure_raw!r} is not a boolean", "use true or false")
+        )
+    insecure = insecure_raw is True
+    if sum(bool(x) for x in (ca, fingerprint, insecure)) > 1:
+        problems.append(
+            Problem(
+                name,
+                "provision_bmc_tls_insecure" if insecure else "provision_bmc_tls_fingerprint",
+                "more than one of provision_bmc_ca_file, provision_bmc_tls_fingerprint, provision_bmc_tls_insecure",
+                "choose one way to check the BMC's certificate",
+            )
+        )
+    system_raw = get("provision_bmc_system_id")
+    system_id = str(system_raw) if system_raw not in (None, "") else None
+    if system_id is not None and not re.match(r"^[A-Za-z0-9._:-]{1,128}$", system_id):
+        problems.append(
+            Problem(
+                name,
+                "provision_bmc_system_id",
+                f"{system_raw!r} is not a Redfish system id",
+                "the last part of the system's /redfish/v1/Systems/<id> path",
+            )
+        )
+        system_id = None
+    return auth, BmcTls(ca_file=ca, fingerprint=fingerprint, insecure=insecure), system_id
 
 
 def _password(name: str, hv: dict[str, Any], templar: Any) -> tuple[Secret, Problem | None]:

@@ -9,17 +9,14 @@ reads the outcome of each host from the run's events.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from provision.ansible import EventKind, PlaybookError, TaskEvent, run_playbook
+from provision.catalog import JOIN_PLAYBOOK, ROLES_DIR
 from provision.settings import SiteSettings
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-JOIN_PLAYBOOK = PROJECT_ROOT / "playbooks" / "join.yml"
-ROLES_PATH = PROJECT_ROOT / "roles"
 
 
 @dataclass
@@ -57,6 +54,35 @@ def join_nodes(
     ``settings``: the site's settings, passed to the playbook so that it reads
     the pinned host keys where ``provision`` wrote them.
     """
+    return run_per_node(
+        JOIN_PLAYBOOK,
+        inventory,
+        names,
+        extravars=settings.playbook_vars() if settings else {},
+        envvars={
+            "ANSIBLE_HOST_KEY_CHECKING": "True",  # the playbook pins this boot's host keys
+            "ANSIBLE_PIPELINING": "True",  # one SSH round trip per task (root logins: no requiretty)
+        },
+        vault_password_file=vault_password_file,
+        on_event=on_event,
+        timeout=timeout,
+        verbosity=verbosity,
+    )
+
+
+def run_per_node(
+    playbook: Path,
+    inventory: Path,
+    names: Sequence[str],
+    *,
+    extravars: Mapping[str, Any],
+    envvars: Mapping[str, str] | None = None,
+    vault_password_file: str | None = None,
+    on_event: Callable[[TaskEvent], None] | None = None,
+    timeout: int | None = None,
+    verbosity: int = 0,
+) -> list[JoinResult]:
+    """Run ``playbook`` limited to ``names`` (as ``join_hosts``); one result per node, never raises for a node."""
     if not names:
         return []
     tally = _Tally(started=time.monotonic())
@@ -77,20 +103,17 @@ def join_nodes(
         if on_event is not None:
             on_event(event)
 
-    envvars = {
-        "ANSIBLE_HOST_KEY_CHECKING": "True",  # the playbook pins this boot's host keys
-        "ANSIBLE_PIPELINING": "True",  # one SSH round trip per task (root logins: no requiretty)
-    }
+    env = dict(envvars or {})
     if vault_password_file:
-        envvars["ANSIBLE_VAULT_PASSWORD_FILE"] = str(Path(vault_password_file).resolve())
+        env["ANSIBLE_VAULT_PASSWORD_FILE"] = str(Path(vault_password_file).resolve())
     general_error = ""
     try:
         run_playbook(
-            JOIN_PLAYBOOK,
+            playbook,
             inventory=inventory,
-            extravars={"join_hosts": ",".join(names), **(settings.playbook_vars() if settings else {})},
-            envvars=envvars,
-            roles_path=[ROLES_PATH],
+            extravars={"join_hosts": ",".join(names), **extravars},
+            envvars=env,
+            roles_path=[ROLES_DIR],
             on_event=handle,
             limit=",".join(names),
             timeout=timeout,
@@ -112,4 +135,4 @@ def join_nodes(
     return results
 
 
-__all__ = ["JOIN_PLAYBOOK", "JoinResult", "join_nodes"]
+__all__ = ["JOIN_PLAYBOOK", "JoinResult", "join_nodes", "run_per_node"]

@@ -35,19 +35,28 @@ def _enter_netns(name: str) -> None:
         os.close(fd)
 
 
-def _banner(host: str, port: int, timeout: float) -> bool:
+def _connect(host: str, port: int, timeout: float, banner: bytes | None) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
+            if banner is None:
+                return True
             sock.settimeout(timeout)
-            return sock.recv(64).startswith(b"SSH-")
+            return sock.recv(64).startswith(banner)
     except OSError:
         return False
 
 
 def ssh_answers(host: str, port: int = 22, *, netns: str | None = None, timeout: float = 2.0) -> bool:
     """True when ``host:port`` accepts a connection and greets with an SSH banner."""
+    return tcp_answers(host, port, netns=netns, timeout=timeout, banner=b"SSH-")
+
+
+def tcp_answers(
+    host: str, port: int, *, netns: str | None = None, timeout: float = 2.0, banner: bytes | None = None
+) -> bool:
+    """True when ``host:port`` accepts a connection (and greets with ``banner``, when given)."""
     if netns is None:
-        return _banner(host, port, timeout)
+        return _connect(host, port, timeout, banner)
     if not netns_exists(netns):
         raise ProbeError(f"network namespace {netns} does not exist", hint="check provision_boot_netns")
     result: list[bool] = []
@@ -56,7 +65,7 @@ def ssh_answers(host: str, port: int = 22, *, netns: str | None = None, timeout:
     def probe() -> None:
         try:
             _enter_netns(netns)
-            result.append(_banner(host, port, timeout))
+            result.append(_connect(host, port, timeout, banner))
         except BaseException as exc:  # handed to the caller's thread
             failure.append(exc)
 
@@ -68,4 +77,4 @@ def ssh_answers(host: str, port: int = 22, *, netns: str | None = None, timeout:
     return bool(result and result[0])
 
 
-__all__ = ["ProbeError", "ssh_answers"]
+__all__ = ["ProbeError", "ssh_answers", "tcp_answers"]

@@ -227,7 +227,7 @@ def test_boot_device_over_many_nodes_and_read_back(fleet: VbmcFleet) -> None:
     assert state["history"][-1] == "bootdev:disk"
 
 
-def test_node_without_a_bmc_or_with_redfish_fails_alone(fleet: VbmcFleet) -> None:
+def test_node_without_a_bmc_or_with_a_dead_redfish_bmc_fails_alone(fleet: VbmcFleet) -> None:
     redfish = Bmc("127.0.0.1", "admin", Secret("t", lambda: PASSWORD), port=1, protocol=BmcProtocol.REDFISH)
     nodes = [
         node(fleet, "n01"),
@@ -237,4 +237,5 @@ def test_node_without_a_bmc_or_with_redfish_fails_alone(fleet: VbmcFleet) -> Non
     outcomes = power_nodes(nodes, PowerAction.STATUS, fanout_options(len(nodes), retries=0))
     assert [o.result for o in outcomes] == ["ok", "failed", "failed"]
     assert "no BMC in the inventory" in (outcomes[1].error or "")
-    assert "not implemented yet" in (outcomes[2].error or "")
+    assert outcomes[2].kind == "BmcUnreachableError"  # the Redfish engine tried port 1 (tests/test_redfish.py)
+    assert outcomes[2].error == "BMC 127.0.0.1:1: no answer (connect): connection refused"

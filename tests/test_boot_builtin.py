@@ -7,6 +7,7 @@ and talk to them with curl from inside that namespace.
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import itertools
 import json
@@ -24,8 +25,9 @@ from conftest import run_provision
 from grendel_fake import FakeGrendel
 
 from provision import inventory
-from provision.boot.base import BootBackend, BootHost, BootImage, Prepared, backend_for, get_backend
+from provision.boot.base import BootBackend, BootHost, BootImage, Prepared, PrepareOptions, backend_for, get_backend
 from provision.boot.builtin import BuiltinBackend, BuiltinConfig, Service, mac_file_name
+from provision.boot.builtin.render import ServiceUser
 from provision.bringup import NodeBoot
 from provision.errors import BootError, ValidationError
 from provision.inventory import Site
@@ -36,6 +38,7 @@ V1, V2 = "20260101-000000", "20260102-000000"
 MACS = {"node01": "52:54:00:99:00:11", "node02": "52:54:00:99:00:12"}
 IPS = {"node01": "10.99.0.11", "node02": "10.99.0.12"}
 _ns_counter = itertools.count()
+NGINX_GROUP = ServiceUser.pick("www-data", "nginx").group
 
 
 def make_store(root: Path, versions: tuple[str, ...] = (V1, V2), squashfs_size: int = 4096) -> Path:
@@ -70,6 +73,7 @@ def make_inventory(
         "provision_image_store": str(store),
         "provision_bmc_user": "admin",
         "provision_boot_backend": "builtin",
+        "provision_join_mode": "push",  # the join service has its own tests (test_join_service, the e2e)
         **(extra or {}),
     }
     (site / "group_vars" / "all.yml").write_text(yaml.safe_dump(all_vars))
@@ -105,7 +109,7 @@ def backend_of(site_path: Path) -> BuiltinBackend:
 
 def sync_site(site: Site, backend: BuiltinBackend, *, activate: bool) -> Prepared:
     """The backend's prepare without starting services: every node of the site."""
-    return backend.sync(site, site.nodes, activate=activate)
+    return backend.prepare(site, site.nodes, PrepareOptions(activate=activate, serve=False))
 
 
 def node_script(backend: BuiltinBackend, name: str) -> str:
@@ -116,8 +120,11 @@ def node_script(backend: BuiltinBackend, name: str) -> str:
 # Rendering (fast)
 
 
-def test_static_mode_renders_leases_scripts_and_links(site_path: Path, store: Path) -> None:
-    site = inventory.load(site_path)
+TOKENS = {"provision_join_mode": "agent", "provision_join_trust": "token"}  # the opt-in token policy
+
+
+def test_static_mode_renders_leases_scripts_and_links(tmp_path: Path, store: Path) -> None:
+    site = inventory.load(make_inventory(tmp_path, store=store, extra=TOKENS))
     backend = builtin_backend(site)
     result = sync_site(site, backend, activate=False)
     assert result.hosts_written == ("node01", "node02")
@@ -129,20 +136,21 @@ def test_static_mode_renders_leases_scripts_and_links(site_path: Path, store: Pa
     for line in (
         "port=0",
         "dhcp-range=set:provision,10.99.0.0,static,255.255.255.0,12h",
-        f"dhcp-hostsfile={backend.conf_dir / 'dnsmasq.hosts'}",
+        f'dhcp-hostsfile="{backend.conf_dir / "dnsmasq.hosts"}"',  # every path quoted
         "dhcp-option=tag:provision,option:router,10.99.0.254",
         "dhcp-match=set:ipxe,175",
         "dhcp-boot=tag:!ipxe,tag:!efi64,undionly.kpxe,,10.99.0.1",
         "dhcp-boot=tag:!ipxe,tag:efi64,ipxe.efi,,10.99.0.1",
         "dhcp-boot=tag:ipxe,http://10.99.0.1/boot.ipxe",
-        f"log-facility={backend.dnsmasq_log}",
+        f'log-facility="{backend.dnsmasq_log}"',
         "log-dhcp",
     ):
         assert line in conf.splitlines(), line
     assert "proxy" not in conf
     assert "enable-ra" not in conf  # router advertisements need provision_boot_interface (see the proxy test)
     nginx = backend.conf_file(Service.NGINX).read_text()
-    assert "listen 10.99.0.1:80 reuseport;" in nginx and f"access_log {backend.http_access_log} provision;" in nginx
+    assert "listen 10.99.0.1:80 reuseport;" in nginx and f'access_log "{backend.http_access_log}" provision;' in nginx
+    assert "disable_symlinks on from=$document_root;" in nginx and "if_not_owner" not in nginx
     assert "location = /boot/52-54-00-99-00-11.ipxe { allow 10.99.0.11; deny all;" in nginx
 
     script = node_script(backend, "node01")
@@ -157,18 +165,24 @@ def test_static_mode_renders_leases_scripts_and_links(site_path: Path, store: Pa
     )
     assert f"initrd --name initrd.img {base}/initrd.img" in script
     assert "systemd.hostname=node01 provision.node=node01 provision.ip=10.99.0.11" in script
+    assert "provision.join=http://10.99.0.1:8740 provision.token=" in script  # the join service, the token
     assert f"provision.token={tokens['node01']} quiet || goto failed" in script  # the image's extras come last
     assert script.count("rd.neednet=1") == 1 and script.count(" ip=dhcp") == 1  # ...without repeats
     assert tokens["node01"] != tokens["node02"] and len(tokens["node01"]) >= 32
     # Tokens: only in the 0600 token file and the node's own 0600 script.
     assert backend.tokens_path.stat().st_mode & 0o777 == 0o600
-    assert (backend.docroot / "boot" / f"{mac_file_name(MACS['node01'])}.ipxe").stat().st_mode & 0o777 == 0o600
+    # The node's script: root's, readable by nginx's unprivileged workers (their group), nobody else.
+    script_stat = (backend.docroot / "boot" / f"{mac_file_name(MACS['node01'])}.ipxe").stat()
+    assert script_stat.st_mode & 0o777 == 0o640 and script_stat.st_gid == grp.getgrnam(NGINX_GROUP).gr_gid
     for path in backend.root.rglob("*"):
         if path.is_file() and path.name not in ("tokens.json",) and not path.name.endswith(".ipxe"):
             assert tokens["node01"] not in path.read_text(errors="replace"), path
-    # Images are served from the store through symlinks; the older version was not registered by serve.
+    # Images are hard links into the store (no copy, no symlink); the older version was not registered by serve.
     link = backend.docroot / "images" / IMAGE / V2 / "rootfs.squashfs"
-    assert link.is_symlink() and link.resolve() == (store / IMAGE / V2 / "rootfs.squashfs").resolve()
+    assert not link.is_symlink() and os.path.samefile(link, store / IMAGE / V2 / "rootfs.squashfs")
+    assert not (backend.docroot / "images" / IMAGE / V1).exists()
+    # Workers reach the web root, never the token file or the registry by listing.
+    assert backend.root.stat().st_mode & 0o777 == 0o711
     assert sorted(os.listdir(backend.tftp_root)) == ["ipxe.efi", "snponly.efi", "undionly.kpxe"]
     assert (
         "chain --autofree http://10.99.0.1/boot/${net0/mac:hexhyp}.ipxe" in (backend.docroot / "boot.ipxe").read_text()
@@ -193,7 +207,17 @@ def test_proxy_mode_renders_pxe_services_without_leases(tmp_path: Path, store: P
     assert 'pxe-service=tag:!ipxe,x86PC,"provision (iPXE, BIOS)",undionly.kpxe' in conf
     assert 'pxe-service=tag:!ipxe,X86-64_EFI,"provision (iPXE, UEFI)",snponly.efi' in conf
     assert 'pxe-service=tag:ipxe,x86PC,"provision (iPXE script)",http://10.99.0.1/boot.ipxe' in conf
-    assert not any(line.startswith(("dhcp-hostsfile", "dhcp-boot", "dhcp-authoritative")) for line in conf)
+    assert not any(line.startswith(("dhcp-boot", "dhcp-authoritative")) for line in conf)
+    # Only the inventory's MACs get boot information (no addresses: the hosts file holds MACs and names).
+    assert "dhcp-ignore=tag:!known" in conf
+    assert (backend.conf_dir / "dnsmasq.hosts").read_text().splitlines() == [
+        f"{MACS['node01']},node01",
+        f"{MACS['node02']},node02",
+    ]
+    # A machine with no script of its own gives up after a bounded wait and leaves to the next boot device.
+    generic = (backend.docroot / "boot.ipxe").read_text()
+    assert generic.count("chain --autofree") == 3 and generic.count("sleep 10") == 2
+    assert "exit 1" in generic and "goto chain" not in generic
     # Addresses come from another server: scripts cannot be pinned to them.
     assert "allow" not in backend.conf_file(Service.NGINX).read_text()
     # The per-node scripts still carry each node's identity.
@@ -259,14 +283,14 @@ def test_a_broken_node_in_another_rack_does_not_block_this_one(site_path: Path) 
     # node boot --rack r1: its checks pass, and the backend's sync for r1 writes r1 only.
     r1 = site.select(rack="r1")
     NodeBoot(site, r1).check()
-    synced = backend.sync(site, r1, activate=True)
+    synced = backend.prepare(site, r1, PrepareOptions(serve=False))
     assert synced.images == {IMAGE: f"{V2} (active)"}
     assert f"/images/{IMAGE}/{V2}/vmlinuz" in node_script(backend, "node01")
     assert [h.name for h in backend.list_hosts()] == ["node01", "node02"]
     # The whole site, or rack r2, is still refused, naming the broken node.
     for nodes in (site.nodes, site.select(rack="r2")):
         with pytest.raises(ValidationError) as info:
-            backend.sync(site, nodes, activate=True)
+            backend.prepare(site, nodes, PrepareOptions(serve=False))
         assert [p.node for p in info.value.problems] == ["node03"]
 
 
@@ -305,7 +329,8 @@ def test_versions_activate_and_roll_back(site_path: Path, store: Path) -> None:
     assert not (backend.docroot / "images" / IMAGE / V2).exists()
 
 
-def test_provision_flag_and_one_time_tokens(site_path: Path) -> None:
+def test_provision_flag_and_one_time_tokens(tmp_path: Path, store: Path) -> None:
+    site_path = make_inventory(tmp_path, store=store, extra=TOKENS)
     backend = backend_of(site_path)
     sync_site(inventory.load(site_path), backend, activate=False)
     first = json.loads(backend.tokens_path.read_text())["node01"]
@@ -319,9 +344,11 @@ def test_provision_flag_and_one_time_tokens(site_path: Path) -> None:
     assert backend.set_provision(["node01"], True) == ["node01"]
     second = json.loads(backend.tokens_path.read_text())["node01"]
     assert second != first and f"provision.token={second}" in node_script(backend, "node01")
-    assert not backend.consume_token("node01", first)
-    assert backend.consume_token("node01", second)
-    assert not backend.consume_token("node01", second)  # one time only
+    assert not backend.rotate_token("node01", first)
+    assert backend.rotate_token("node01", second)
+    assert not backend.rotate_token("node01", second)  # one time only
+    third = json.loads(backend.tokens_path.read_text())["node01"]
+    assert third != second and f"provision.token={third}" in node_script(backend, "node01")  # for the next boot
 
 
 def test_boot_backend_interface(tmp_path: Path, store: Path) -> None:
@@ -377,7 +404,7 @@ def test_boot_commands_drive_the_sites_backend_whichever_it_is(tmp_path: Path, s
         stopped = run_provision("-i", site_path, "boot", "stop")
         assert stopped.returncode == 0 and "nothing was running" in stopped.stdout
         events = run_provision("-i", site_path, "boot", "events", "--json")
-        assert events.returncode == 0 and json.loads(events.stdout) == {}
+        assert events.returncode == 0 and json.loads(events.stdout) == {"boot": {}, "join": []}
     assert fake.violations == []
     assert not (tmp_path / "state" / "boot").exists()  # nothing of the built-in backend was made
 
@@ -472,7 +499,7 @@ def test_serve_and_stop_are_idempotent_in_a_netns(tmp_path: Path, store: Path, n
         node02_url = f"http://10.99.0.1/boot/{mac_file_name(MACS['node02'])}.ipxe"
         in_ns(netns, "ip", "addr", "add", "10.99.0.12/24", "dev", "br0")
         script = in_ns(netns, "curl", "-fsS", "--interface", "10.99.0.12", node02_url).stdout
-        assert "provision.node=node02" in script and "provision.token=" in script
+        assert "provision.node=node02" in script
         denied = in_ns(netns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", node02_url).stdout
         assert denied == "403"
         (backend.docroot / "boot" / ".half-written.tmp").write_text("secret")
@@ -480,7 +507,7 @@ def test_serve_and_stop_are_idempotent_in_a_netns(tmp_path: Path, store: Path, n
             netns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://10.99.0.1/boot/.half-written.tmp"
         )
         assert hidden.stdout == "404"
-        report = json.loads(provision_cli(site_path, "boot", "events", "--json").stdout)
+        report = json.loads(provision_cli(site_path, "boot", "events", "--json").stdout)["boot"]
         assert [e["phase"] for e in report["node02"]] == ["node-script"]  # matched by the MAC in its path
         assert report["node02"][0]["ip"] == "10.99.0.12"
         assert (
@@ -534,7 +561,7 @@ def test_node_boot_prepares_rack_r1_beside_a_broken_rack_r2(tmp_path: Path, stor
         in_ns(netns, "ip", "addr", "add", "10.99.0.11/24", "dev", "br0")
         url = f"http://10.99.0.1/boot/{mac_file_name(MACS['node01'])}.ipxe"
         node01 = in_ns(netns, "curl", "-fsS", "--interface", "10.99.0.11", url).stdout
-        assert f"/images/{IMAGE}/{V2}/vmlinuz" in node01 and "provision.token=" in node01
+        assert f"/images/{IMAGE}/{V2}/vmlinuz" in node01 and "provision.node=node01" in node01
     finally:
         backend.stop()
     assert service_pids(backend.conf_dir) == []
@@ -633,3 +660,150 @@ def test_authorized_keys_are_served_and_private_keys_refused(tmp_path: Path, sto
             BuiltinConfig.from_vars({"provision_state_dir": "/x", "provision_network": "10.99.0.0/24",
                                      "provision_ssh_authorized_keys": [bad]})  # fmt: skip
         assert str(info.value) == message and info.value.hint
+
+
+# --------------------------------------------------------------------------
+# Privileges, symlinks, proxy-DHCP allowlist, paths with spaces (integration)
+
+
+def proc_uid(pid: int) -> int:
+    """The real uid of a process, from /proc/<pid>/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for {pid}")
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def http_code(netns: str, url: str) -> str:
+    return in_ns(netns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url).stdout
+
+
+@pytest.mark.integration
+def test_workers_unprivileged_symlinks_refused_and_a_path_with_a_space(tmp_path: Path, netns: str) -> None:
+    """dnsmasq and nginx's workers are not root; a planted symlink is not followed; "state dir" works."""
+    spaced = tmp_path / "site data"
+    store = make_store(spaced / "image store")
+    site_path = make_inventory(spaced, store=store,
+                               extra={"provision_boot_netns": netns, "provision_boot_interface": "br0",
+                                      "provision_state_dir": str(spaced / "state dir")})  # fmt: skip
+    backend = backend_of(site_path)
+    assert " " in str(backend.root)
+    try:
+        served = provision_cli(site_path, "boot", "serve")
+        assert served.returncode == 0, served.stderr
+        pids = {str(s.service): s.pid for s in backend.status()}
+        assert pids["dnsmasq"] and pids["nginx"]
+        # dnsmasq drops to an unprivileged user after binding; nginx's master stays root, its workers do not.
+        assert proc_uid(pids["dnsmasq"]) != 0
+        workers = children(pids["nginx"])
+        assert workers and all(proc_uid(w) != 0 for w in workers), workers
+        ps = subprocess.run(["ps", "-o", "user=,args=", "-p", ",".join(map(str, [pids["dnsmasq"], *workers]))],
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert ps.strip() and not any(line.split()[0] == "root" for line in ps.splitlines()), ps
+
+        # Files under the path with spaces are served, over HTTP and TFTP (read by the unprivileged user).
+        base = f"http://10.99.0.1/images/{IMAGE}/{V2}"
+        out = tmp_path / "rootfs"
+        in_ns(netns, "curl", "-fsS", "-o", str(out), f"{base}/rootfs.squashfs")
+        assert out.read_bytes() == (store / IMAGE / V2 / "rootfs.squashfs").read_bytes()
+        assert in_ns(netns, "curl", "-fsS", "http://10.99.0.1/boot.ipxe").stdout.startswith("#!ipxe")
+        in_ns(netns, "curl", "-fsS", "-o", str(tmp_path / "ipxe"), "tftp://10.99.0.1/undionly.kpxe")
+
+        # Symlinks planted in the web root, pointing outside it, are not followed (the image files are hard links).
+        vdir = backend.docroot / "images" / IMAGE / V2
+        (vdir / "passwd").symlink_to("/etc/passwd")
+        (vdir / "tokens").symlink_to(backend.tokens_path)
+        (backend.docroot / "images" / "outside").symlink_to("/etc", target_is_directory=True)
+        assert http_code(netns, f"{base}/passwd") in ("403", "404")
+        assert http_code(netns, f"{base}/tokens") in ("403", "404")
+        assert http_code(netns, "http://10.99.0.1/images/outside/passwd") in ("403", "404")
+        assert http_code(netns, f"{base}/vmlinuz") == "200"
+        # The workers' user cannot read the token file or list the state directory.
+        nginx_user = ServiceUser.pick("www-data", "nginx").name
+        probe = subprocess.run(["runuser", "-u", nginx_user, "--", "cat", str(backend.tokens_path)],
+                               capture_output=True, text=True)  # fmt: skip
+        assert probe.returncode != 0 and "Permission denied" in probe.stderr
+    finally:
+        backend.stop()
+
+
+DHCP_CLIENT = r"""
+import random, socket, struct, sys
+mac = bytes.fromhex(sys.argv[1].replace(":", ""))
+xid = random.getrandbits(32)
+opts = (b"\x35\x01\x01" + b"\x3c\x20PXEClient:Arch:00000:UNDI:002001" + b"\x5d\x02\x00\x00"
+        + b"\x5e\x03\x01\x02\x01" + b"\x61\x11\x00" + bytes(range(16)) + b"\x37\x05\x01\x03\x2b\x3c\x43" + b"\xff")
+packet = (struct.pack("!BBBBIHHIIII", 1, 1, 6, 0, xid, 0, 0x8000, 0, 0, 0, 0) + mac + b"\0" * 10
+          + b"\0" * 192 + b"\x63\x82\x53\x63" + opts)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"eth0")
+s.bind(("0.0.0.0", 68))
+s.settimeout(1.5)
+for _ in range(3):
+    s.sendto(packet, ("255.255.255.255", 67))
+    try:
+        while True:
+            data, peer = s.recvfrom(2048)
+            if len(data) > 240 and data[0] == 2 and struct.unpack("!I", data[4:8])[0] == xid:
+                print("offer", peer[0], b"PXEClient" in data[240:])
+                sys.exit(0)
+    except socket.timeout:
+        continue
+print("none")
+"""
+
+
+@pytest.fixture
+def client_netns(netns: str) -> Iterator[str]:
+    """A second namespace on the boot server's bridge (veth), where a DHCP client runs."""
+    name = f"{netns}-c"
+    peer = f"pc{os.getpid() % 100000}{next(_ns_counter)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", netns, "link", "add", peer, "type", "veth", "peer", "name", "eth0",
+                        "netns", name], check=True)  # fmt: skip
+        in_ns(netns, "ip", "link", "set", peer, "master", "br0", "up")
+        in_ns(name, "ip", "link", "set", "eth0", "up")
+        in_ns(name, "ip", "link", "set", "lo", "up")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def dhcp_discover(netns: str, mac: str) -> str:
+    return in_ns(netns, sys.executable, "-c", DHCP_CLIENT, mac).stdout.strip()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("proxy_any", [False, True], ids=["inventory-only", "proxy-any"])
+def test_proxy_mode_answers_only_the_inventorys_macs(
+    tmp_path: Path, store: Path, netns: str, client_netns: str, proxy_any: bool
+) -> None:
+    extra: dict[str, Any] = {"provision_boot_netns": netns, "provision_boot_interface": "br0",
+                             "provision_boot_dhcp_mode": "proxy", "provision_boot_router_advertisements": False}  # fmt: skip
+    if proxy_any:
+        extra["provision_boot_proxy_any"] = True
+    site_path = make_inventory(tmp_path, store=store, extra=extra)
+    backend = backend_of(site_path)
+    try:
+        served = provision_cli(site_path, "boot", "serve")
+        assert served.returncode == 0, served.stderr
+        assert dhcp_discover(client_netns, MACS["node01"]) == "offer 10.99.0.1 True"
+        unknown = dhcp_discover(client_netns, "52:54:00:99:00:99")
+        assert unknown == ("offer 10.99.0.1 True" if proxy_any else "none")
+    finally:
+        backend.stop()

@@ -160,10 +160,10 @@ class _EventsBackend(BuiltinBackend):
         return list(self.events)
 
 
-def _booting(tmp_path: Path, timeout: float) -> tuple[NodeBoot, _EventsBackend, datetime]:
+def _booting(tmp_path: Path, timeout: float, dhcp_timeout: float = 300.0) -> tuple[NodeBoot, _EventsBackend, datetime]:
     site = inventory.load(make_inventory(tmp_path, store=make_store(tmp_path / "store")))
     fake = _EventsBackend(BuiltinConfig.from_vars(site.settings.backend_vars()))
-    run = NodeBoot(site, site.nodes, BootSettings(timeout=timeout, poll=0.05), backend=fake)
+    run = NodeBoot(site, site.nodes, BootSettings(timeout=timeout, dhcp_timeout=dhcp_timeout, poll=0.05), backend=fake)
     powered_at = run.start_clock()
     for progress in run.progress.values():
         progress.reach(Stage.POWER, 0.4)
@@ -215,9 +215,30 @@ def test_follow_turns_log_events_into_stages(tmp_path: Path, monkeypatch: pytest
     assert f"no DHCP request from {MACS['node02']}" in two.hint and "52:54:00:99:00:99" in two.hint
 
 
+def test_a_node_silent_past_the_dhcp_timeout_fails_early(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong MAC is reported after --dhcp-timeout, not after the whole --timeout; the others carry on."""
+    run, fake, powered_at = _booting(tmp_path, timeout=30.0, dhcp_timeout=1.0)
+    monkeypatch.setattr(bringup, "ssh_answers", lambda *a, **k: True)
+    t = powered_at + timedelta(seconds=1)
+    fake.events = [
+        BootEvent(t, Phase.DHCP_ACK, mac=MACS["node01"], node="node01", client=Client.PXE),
+        BootEvent(t, Phase.ROOTFS, mac=MACS["node01"], node="node01", client=Client.OS),
+        BootEvent(t, Phase.DHCP_DISCOVER, mac="52:54:00:99:00:99", client=Client.PXE),
+    ]
+    started = time.monotonic()
+    run.follow()
+    assert time.monotonic() - started < 10.0  # not the 30 s --timeout
+    one, two = run.progress["node01"], run.progress["node02"]
+    assert one.up and not one.failed
+    assert two.failed and two.error == "no DHCP request 1 s after power-on (last stage: power)"
+    assert "52:54:00:99:00:99" in two.hint
+
+
 def test_boot_settings_refuse_a_bad_timeout() -> None:
     with pytest.raises(BootError, match="--timeout"):
         BootSettings(timeout=-1)
+    with pytest.raises(BootError, match="--dhcp-timeout"):
+        BootSettings(dhcp_timeout=0)
 
 
 # -- provision node join ------------------------------------------------------------------

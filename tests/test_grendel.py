@@ -9,6 +9,7 @@ Grendel's published specs are at hand, our description is checked against them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import random
@@ -732,3 +733,74 @@ if PUBLISHED:
     def test_our_description_agrees_with_grendels_published_spec(ours: Path | None, published: Path) -> None:
         assert ours is not None, f"{published}: Grendel publishes this spec; describe its API in tests/contract/"
         assert disagreements(read_doc(ours), read_doc(published)) == []
+
+
+# --------------------------------------------------------------------------
+# The bearer token over plain HTTP
+
+
+def _routable_address() -> str:
+    """This machine's own non-loopback IPv4 address (the source of its default route); nothing is sent."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.254", 9))
+        return str(probe.getsockname()[0])
+
+
+class _Listener:
+    """A TCP server on a non-loopback address that records the bytes of every request and answers 200 {}."""
+
+    def __init__(self, host: str) -> None:
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind((host, 0))
+        self.sock.listen()
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        self.received: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                self.received.append(data)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_bearer_token_over_plain_http_is_refused_unless_the_site_opts_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    address = _routable_address()
+    assert not address.startswith("127."), "needs a non-loopback IPv4 address"
+    listener = _Listener(address)
+    monkeypatch.setenv(TOKEN_ENV, "header.payload.signature-that-must-not-leak")
+    try:
+        refused = GrendelBackend(GrendelSettings(url=listener.url, api=GrendelApi.V2, token_env=TOKEN_ENV))
+        with pytest.raises(GrendelError) as err:
+            refused.list_images()
+        assert "refusing to send the Grendel API token" in err.value.message and "plain HTTP" in err.value.message
+        assert err.value.hint and "provision_grendel_insecure_http: true" in err.value.hint
+        assert "signature-that-must-not-leak" not in err.value.message + err.value.hint
+        assert listener.received == []  # refused before connecting: nothing went over the wire
+
+        settings = GrendelSettings.from_config(
+            {"provision_grendel_url": listener.url, "provision_grendel_api": "v2",
+             "provision_grendel_token_env": TOKEN_ENV, "provision_grendel_insecure_http": True}
+        )  # fmt: skip
+        assert settings.insecure_http
+        with contextlib.suppress(BootError):  # the listener is not Grendel; what matters is what it received
+            GrendelBackend(settings).list_images()
+        assert any(b"Bearer header.payload.signature-that-must-not-leak" in r for r in listener.received)
+    finally:
+        listener.close()

@@ -250,6 +250,13 @@ def _boot_host_key(nspawn_pid: int, console: Path, timeout: float = 180) -> str:
     raise AssertionError(f"no host key after {timeout} s: {console.read_text(errors='replace')[-3000:]}")
 
 
+def _node_root(nspawn_pid: int) -> Path:
+    """The booted container's root as the host sees it (its init's /proc/<pid>/root)."""
+    children = Path(f"/proc/{nspawn_pid}/task/{nspawn_pid}/children").read_text().split()
+    assert len(children) == 1, children
+    return Path(f"/proc/{children[0]}/root")
+
+
 def _stats(proc: subprocess.CompletedProcess[str]) -> dict[str, int]:
     return dict(json.loads(proc.stdout)["stats"]["node01"])
 
@@ -349,6 +356,23 @@ def test_join_a_booted_node_for_real(tmp_path: Path, node_rootfs: Path) -> None:
             assert getent.stdout.strip().split(":")[2:4] == ["20001", "20001"], getent.stdout + getent.stderr
             bind_password = cp.ldap.bind_password_file.read_text().strip()
             assert bind_password not in first.stdout + first.stderr
+
+            # One source of truth: the bundle rendered from the same inventory holds the bytes the
+            # join wrote on the node, and its manifest the owners and modes (read through the
+            # container's root from the host).
+            from test_bundle import assert_bundle_matches_node, render, stats
+
+            bundle = render(inv)
+            assert stats(bundle, NODE)["failures"] == 0
+            assert bind_password not in bundle.stdout + bundle.stderr
+            node_root = _node_root(node.pid)
+            listed = assert_bundle_matches_node(inv / ".state" / "service" / "bundles" / NODE, node_root)
+            assert set(listed) == {
+                "/etc/munge/munge.key",
+                "/etc/sssd/sssd.conf",
+                "/etc/sssd/conf.d/50-provision-bind.conf",
+                "/etc/default/slurmd",
+            }
 
             again = join()
             assert again.returncode == 0, again.stdout[-4000:]

@@ -202,6 +202,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Site, Path]:
 @pytest.fixture
 def nodes(lab: tuple[Site, Path], tmp_path: Path) -> dict[str, FakeNode]:
     site, _ = lab
+    (site.state_dir / "service" / "status.json").unlink(missing_ok=True)  # a service with no history
     made = {}
     for node in site.nodes:
         assert node.console_log
@@ -457,3 +458,28 @@ def test_service_run_cli_serves_until_sigterm(
     assert proc.returncode == 0, stderr
     status = read_status(tmp_path / "state" / "service" / "status.json")
     assert status is not None and status.nodes["r1n01"].bundles_served == 1
+
+
+@NEEDS_TOOLS
+def test_a_restart_forgets_nothing(lab: tuple[Site, Path], nodes: dict[str, FakeNode]) -> None:
+    """A restarted service keeps its refusals and the boots it saw, even after the console log was truncated."""
+    site, _ = lab
+    n1 = nodes["r1n01"]
+    n1.boot()
+    old = FakeNode(n1.name, n1.ip, n1.console, n1.workdir, n1.boot_id, n1.key)
+
+    async def first_run(service: JoinService, client: Client) -> None:
+        forged = await client.bundle(await client.join_request(n1, claim="r1n01"), "127.0.0.2")
+        assert forged.status == 403
+
+    serve(site, first_run)
+    n1.boot(truncate=True)  # the machine restarted: QEMU (or a new conserver file) starts the log afresh
+
+    async def second_run(service: JoinService, client: Client) -> None:
+        stale = await client.bundle(await client.join_request(old), n1.ip)
+        assert stale.status == 403 and "earlier boot" in stale.json()["error"]
+        assert (await client.bundle(await client.join_request(n1), n1.ip)).status == 200
+
+    serve(site, second_run)
+    r1 = refusals(site, "r1n01")
+    assert any("source address" in r for r in r1) and any("earlier boot" in r for r in r1)

@@ -255,3 +255,62 @@ def test_down_when_the_inventory_is_broken(tmp_path: Path) -> None:
     pids = [info["vbmc_pid"], *info["control"].values(), *info["boot"]["services"].values()]
     assert all(pids) and not any(pid_alive(p) for p in pids), pids
     assert not Path(f"/run/netns/{netns}").exists() and not state.exists()
+
+
+@pytest.mark.integration
+@needs_root
+def test_lab_with_openipmi_bmcs_powers_qemu(tmp_path: Path) -> None:
+    """`lab up --bmc openipmi`: ipmi_sim per machine; node power on/status/off through it start and kill QEMU."""
+    from provision.lab.ipmisim import read_chassis
+
+    state = tmp_path / "lab"
+    netns = f"provtest-{uuid.uuid4().hex[:6]}"
+    args = ("--nodes", "1", "--netns", netns, "--state-dir", str(state), "--json")
+    up = _ok(provision("lab", "up", "--bmc", "openipmi", *args))
+    try:
+        info = json.loads(up.stdout)
+        assert info["bmc"] == "openipmi" and info["vbmc_pid"] is None
+        (sim_pid,) = info["bmc_pids"]
+        assert Path(f"/proc/{sim_pid}/comm").read_text().strip() == "ipmi_sim"
+        inventory = Path(info["inventory"])
+        assert "provision_bmc_protocol: ipmi" in (inventory / "group_vars" / "all.yml").read_text()
+        lan_conf = state / "vbmc" / "r1n01.lan.conf"
+        assert stat.S_IMODE(lan_conf.stat().st_mode) == 0o600
+        password = _bmc_password(
+            (inventory / "group_vars" / "all.yml").read_text(), Path(info["vault_password_file"]).read_text().strip()
+        )
+        assert password not in Path(f"/proc/{sim_pid}/cmdline").read_text()
+        site = ["-i", str(inventory), "--vault-password-file", info["vault_password_file"]]
+
+        off = json.loads(_ok(provision(*site, "node", "power", "status", "--all", "--json")).stdout)
+        assert off["nodes"][0]["value"] == {"power": "off"}
+        _ok(provision(*site, "node", "bootdev", "pxe", "--nodes", "r1n01"))
+        _ok(provision(*site, "node", "power", "on", "--nodes", "r1n01"))
+        pid = read_chassis(state / "vbmc", "r1n01")["pid"]
+        assert pid and pid_alive(pid)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        assert Path(cmdline[0]).name == "qemu-system-x86_64" and "mac=52:54:00:99:00:01" in " ".join(cmdline)
+        assert cmdline[cmdline.index("-boot") + 1] == "n"  # the pxe override, through ipmi_sim
+        assert os.readlink(f"/proc/{pid}/ns/net") == f"net:[{os.stat(f'/run/netns/{netns}').st_ino}]"
+        on = json.loads(_ok(provision(*site, "node", "power", "status", "--all", "--json")).stdout)
+        assert on["nodes"][0]["value"] == {"power": "on"}
+        rack_status = json.loads(_ok(provision("lab", "status", "--state-dir", str(state), "--json")).stdout)
+        assert rack_status["nodes"][0]["qemu_pid"] == pid and rack_status["nodes"][0]["power"] == "on"
+
+        _ok(provision(*site, "node", "power", "off", "--nodes", "r1n01"))
+        deadline = time.monotonic() + 5
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not pid_alive(pid)
+        off = json.loads(_ok(provision(*site, "node", "power", "status", "--all", "--json")).stdout)
+        assert off["nodes"][0]["value"] == {"power": "off"}
+        assert read_chassis(state / "vbmc", "r1n01")["history"] == ["boot pxe", "power 1", "power 0"]
+    finally:
+        down = provision("lab", "down", "--state-dir", str(state), "--json")
+    _ok(down)
+    assert f"bmc:{sim_pid}" in json.loads(down.stdout)["removed"]
+    assert not pid_alive(sim_pid)
+    assert not Path(f"/run/netns/{netns}").exists() and not state.exists()
+    assert not Rack(state).qemu_pids()
+    again = _ok(provision("lab", "down", "--state-dir", str(state), "--json"))
+    assert json.loads(again.stdout)["removed"] == []

@@ -276,6 +276,21 @@ class Prepared:
 
 
 @dataclass(frozen=True)
+class PrepareOptions:
+    """How ``BootBackend.prepare`` prepares nodes."""
+
+    #: Boot some nodes (by name) with another image until the next sync.
+    image_for: Mapping[str, str] = field(default_factory=dict)
+    #: Boot the image store's current version (a backend without versions ignores it).
+    activate: bool = True
+    #: Start or reload the backend's services (False: write hosts and images only).
+    serve: bool = True
+
+
+PREPARE = PrepareOptions()
+
+
+@dataclass(frozen=True)
 class Published:
     """An image version made bootable by ``BootBackend.publish``."""
 
@@ -310,21 +325,12 @@ class BootBackend(Protocol):
         ...
 
     # Serving
-    def prepare(
-        self,
-        site: Site,
-        nodes: Sequence[Node],
-        *,
-        image_for: Mapping[str, str] | None = None,
-        activate: bool = True,
-    ) -> Prepared:
+    def prepare(self, site: Site, nodes: Sequence[Node], how: PrepareOptions = PREPARE) -> Prepared:
         """Make ``nodes`` bootable: check them (only them), sync their hosts and images, serve.
 
-        The built-in backend also forgets hosts the inventory no longer has.
-        ``image_for`` boots some nodes (by name) with another image until the
-        next sync; ``activate`` boots the image store's current version (a
-        backend without versions ignores it). The built-in backend starts or
-        reloads its services; Grendel, which runs elsewhere, is checked.
+        The built-in backend also forgets hosts the inventory no longer has,
+        and starts or reloads its services (unless ``how.serve`` is false);
+        Grendel, which runs elsewhere, is checked.
         """
         ...
 
@@ -384,6 +390,12 @@ class BootBackend(Protocol):
 
     def set_provision(self, names: Sequence[str], provision: bool) -> list[str]:
         """Allow (True) or stop (False) network boot/provisioning; returns the known names among ``names``."""
+        ...
+
+    def rotate_token(self, name: str, token: str) -> bool:
+        """Boot tokens (``provision_join_trust: token``): True once for the token node ``name``
+        booted with, which is then replaced for its next boot; False for any other token.
+        A backend that cannot hand out boot tokens raises BootError."""
         ...
 
     def close(self) -> None:

@@ -12,6 +12,8 @@ Inventory variables (group_vars), read by ``GrendelSettings.from_config``:
                                    (default ``PROVISION_GRENDEL_TOKEN``; unused on the socket)
 ``provision_grendel_ca_file``      CA bundle for an https URL
 ``provision_grendel_tls_verify``   ``false`` to skip certificate checks (default ``true``)
+``provision_grendel_insecure_http`` ``true`` to send the token over plain ``http://`` to a
+                                   non-loopback server (refused otherwise)
 ``provision_grendel_timeout``      seconds per request (default 30)
 ``provision_grendel_firmware``     iPXE build for every host, e.g. ``snponly-x86_64.efi``
 ``provision_grendel_domain``       appended to host names for the boot NIC's ``fqdn``
@@ -31,10 +33,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from provision.boot.base import (
+    PREPARE,
     BackendName,
     BootHost,
     BootImage,
     Prepared,
+    PrepareOptions,
     Published,
     ServiceStatus,
     check_image_name,
@@ -74,6 +78,11 @@ class GrendelBackend:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> GrendelBackend:
+        if str(config.get("provision_join_trust") or "").lower() == "token":
+            raise BootError(
+                "provision_join_trust: token needs the built-in boot backend (its iPXE scripts carry the tokens)",
+                hint="use provision_join_trust: console (the nodes' console logs) with Grendel",
+            )
         return cls(GrendelSettings.from_config(config), config=config)
 
     def describe(self) -> str:
@@ -83,17 +92,10 @@ class GrendelBackend:
         self.client.list_images()
 
     # -- serving: Grendel runs elsewhere; this side syncs and checks ----------
-    def prepare(
-        self,
-        site: Site,
-        nodes: Sequence[Node],
-        *,
-        image_for: Mapping[str, str] | None = None,
-        activate: bool = True,
-    ) -> Prepared:
+    def prepare(self, site: Site, nodes: Sequence[Node], how: PrepareOptions = PREPARE) -> Prepared:
         """Write the nodes' hosts (only what differs) and report their images; ``activate`` has no meaning here."""
         site.require_valid(nodes)
-        hosts = site_hosts(site, nodes, image_for=image_for)
+        hosts = site_hosts(site, nodes, image_for=how.image_for)
         plan = sync_hosts(self, hosts)  # hosts not in the inventory stay: Grendel may serve others too
         images = {
             name: "registered" if self.is_published(name) else "not registered"
@@ -105,6 +107,10 @@ class GrendelBackend:
         """Nothing to start here: check that Grendel answers."""
         self.ping()
         return self.status()
+
+    def rotate_token(self, name: str, token: str) -> bool:
+        """Grendel hands out no boot tokens (``from_config`` refuses the token policy)."""
+        return False
 
     def stop(self) -> list[str]:
         """Grendel is not run by provision: nothing to stop."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -41,23 +42,37 @@ def serve(app: AppContext, activate: bool, as_json: bool) -> None:
     reloaded. The built-in backend's state, logs and leases are under
     <provision_state_dir>/boot.
     """
+    from provision.serve import serve as serve_site
+
     site = app.site
     backend = backend_for(site)
-    prepared = backend.prepare(site, site.nodes, activate=activate)
+    served = serve_site(
+        site, site.nodes, backend=backend, activate=activate, vault_password_file=app.vault_password_file
+    )
+    prepared, joined = served.boot, served.join
     if as_json:
-        emit_json({**backend.summary(), "sync": prepared.as_dict()})
+        emit_json({**backend.summary(), **served.as_dict()})
         return
     for name, state in prepared.images.items():
         click.echo(f"image {name}: {state}")
     _print_services(prepared.services)
     click.echo(backend.describe())
+    if joined.url:
+        click.echo(
+            f"join service {joined.url}: {len(joined.rendered) - len(joined.failed)} bundles"
+            + (f" (pid {joined.pid})" if joined.pid else " (run by the site: provision_join_service_managed false)")
+        )
+    for name, error in sorted(joined.failed.items()):
+        click.echo(f"{name}: no join bundle: {error}", err=True)
 
 
 @boot.command()
 @pass_app
 def stop(app: AppContext) -> None:
     """Stop what `serve` started (nothing to do when nothing runs)."""
-    stopped = backend_for(app.site).stop()
+    from provision.serve import stop as stop_site
+
+    stopped = stop_site(app.site)
     click.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
 
 
@@ -66,9 +81,14 @@ def stop(app: AppContext) -> None:
 @pass_app
 def status(app: AppContext, as_json: bool) -> None:
     """Whether the boot services run, the hosts and the active image versions."""
+    from provision.service.settings import JoinSettings
+    from provision.service.state import read_status
+
     summary = backend_for(app.site).summary()
+    joins = read_status(JoinSettings.from_site(app.site).status_file)
+    join_nodes = {name: vars(record) for name, record in joins.nodes.items()} if joins else {}
     if as_json:
-        emit_json(summary)
+        emit_json({**summary, "join": {"nodes": join_nodes, "refusals": len(joins.refusals()) if joins else 0}})
         return
     for item in summary["services"]:
         state = f"running (pid {item['pid']})" if item["running"] else "stopped"
@@ -77,6 +97,15 @@ def status(app: AppContext, as_json: bool) -> None:
     for name, info in summary["images"].items():
         versions = f" (versions: {', '.join(info['versions'])})" if info["versions"] else ""
         click.echo(f"image {name}: active {info['active']}{versions}")
+    if joins:
+        click.echo(f"join service {joins.address}:{joins.port} (status written {joins.written})")
+        for name, record in sorted(joins.nodes.items()):
+            report = record.last_report or {}
+            click.echo(
+                f"  {name}: boot {record.boot_id or '-'}, key {record.key_fingerprint or '-'}, "
+                f"bundles {record.bundles_served}, report {report.get('status', '-')}, refusals {record.refusals}"
+                + (f" (last: {record.last_refusal})" if record.last_refusal else "")
+            )
 
 
 @boot.command()
@@ -98,23 +127,31 @@ def activate(app: AppContext, image: str, version: str | None) -> None:
 @pass_app
 def events(app: AppContext, as_json: bool) -> None:
     """Boot phases per node from the DHCP and HTTP logs (lease, scripts, kernel, initrd, squashfs)."""
+    from datetime import UTC, datetime
+
+    from provision.service.settings import JoinSettings
+    from provision.service.state import read_status
+
     backend = backend_for(app.site)
     grouped = by_node(backend.boot_events(backend.list_hosts()))
+    joins = read_status(JoinSettings.from_site(app.site).status_file)
+    join_events = list(joins.events) if joins else []
     if as_json:
-        emit_json({node: [e.as_dict() for e in items] for node, items in grouped.items()})
+        data: dict[str, Any] = {node: [e.as_dict() for e in items] for node, items in grouped.items()}
+        emit_json({"boot": data, "join": [e.as_dict() for e in join_events]})
         return
+    rows: list[tuple[str, datetime, str, str, str]] = [
+        (node, e.time, str(e.phase), str(e.client or "-"), e.detail or e.ip or "")
+        for node, items in grouped.items()
+        for e in items
+    ]
+    # The join service's own events: boots and keys seen on consoles, bundles served, reports, refusals.
+    rows += [(e.node, datetime.fromtimestamp(e.time, UTC), f"join-{e.kind}", e.peer, e.detail) for e in join_events]
     table = Table(box=None, pad_edge=False)
     for column in ("NODE", "TIME", "PHASE", "CLIENT", "DETAIL"):
         table.add_column(column)
-    for node, items in sorted(grouped.items()):
-        for event in items:
-            table.add_row(
-                node,
-                event.time.astimezone().strftime("%H:%M:%S.%f")[:-3],
-                str(event.phase),
-                str(event.client or "-"),
-                event.detail or event.ip or "",
-            )
+    for node, when, phase, client, detail in sorted(rows, key=lambda r: (r[0], r[1])):
+        table.add_row(node, when.astimezone().strftime("%H:%M:%S.%f")[:-3], phase, client, detail)
     Console(soft_wrap=True).print(table)
 
 

@@ -12,7 +12,9 @@ from provision import inventory
 from provision.boot.base import backend_for
 from provision.cli.context import emit_json
 from provision.cli.options import json_output
-from provision.lab.rack import DEFAULT_STATE_DIR, Rack, RackConfig
+from provision.lab.rack import DEFAULT_STATE_DIR, BmcKind, Rack, RackConfig
+from provision.serve import serve as serve_site
+from provision.serve import stop as stop_site
 
 state_dir_option = click.option(
     "--state-dir",
@@ -34,16 +36,17 @@ def _lab_site(rack: Rack) -> inventory.Site:
 def _boot_stop(rack: Rack) -> list[str]:
     if not (rack.inventory / "hosts.yml").exists():
         return []
-    return backend_for(_lab_site(rack)).stop()
+    return stop_site(_lab_site(rack))
 
 
 def _boot_serve(rack: Rack) -> dict[str, Any]:
     site = _lab_site(rack)
-    prepared = backend_for(site).prepare(site, site.nodes, activate=True)
+    served = serve_site(site, site.nodes, activate=True, vault_password_file=str(rack.vault_password_file))
     return {
-        "images": dict(prepared.images),
-        "services": {s.service: s.pid for s in prepared.services},
-        "url": prepared.where,
+        "images": dict(served.boot.images),
+        "services": {s.service: s.pid for s in served.boot.services},
+        "url": served.boot.where,
+        "join": served.join.as_dict(),
     }
 
 
@@ -70,6 +73,15 @@ def lab() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="An existing image store to boot from (provision_image_store; default STATE/site/images).",
 )
+@click.option(
+    "--bmc",
+    "bmc_kind",
+    type=click.Choice([k.value for k in BmcKind]),
+    default=BmcKind.PYGHMI.value,
+    show_default=True,
+    help="BMC implementation in front of the machines: pyghmi (provision's virtual BMCs), "
+    "openipmi (OpenIPMI's ipmi_sim per machine).",
+)
 @state_dir_option
 @json_output
 def up(
@@ -79,6 +91,7 @@ def up(
     network: str,
     memory_mib: int,
     image_store: Path | None,
+    bmc_kind: str,
     state_dir: Path,
     as_json: bool,
 ) -> None:
@@ -104,6 +117,7 @@ def up(
         network=network,
         memory_mib=memory_mib,
         image_store=str(image_store.resolve()) if image_store else None,
+        bmc=BmcKind(bmc_kind),
     )
     the_rack = Rack(state_dir)
     the_rack.up(config)

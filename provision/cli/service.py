@@ -47,3 +47,26 @@ def run(app: AppContext, as_json: bool) -> None:
         sys.stdout.flush()  # systemd and tests read the line at once
 
     serve_forever(app.site, on_ready=ready)
+
+
+@service.command()
+@json_output
+@pass_app
+def start(app: AppContext, as_json: bool) -> None:
+    """Start the join service in the background (as `boot serve` does); a no-op when it runs."""
+    from provision.service.site import start as start_service
+
+    pid, url = start_service(app.site, vault_password_file=app.vault_password_file)
+    if as_json:
+        emit_json({"pid": pid, "url": url})
+    else:
+        click.echo(f"join service {url} (pid {pid})")
+
+
+@service.command()
+@pass_app
+def stop(app: AppContext) -> None:
+    """Stop the join service `boot serve` or `service start` started (safe twice)."""
+    from provision.service.site import stop as stop_service
+
+    click.echo("stopped the join service" if stop_service(app.site) else "the join service was not running")

@@ -262,8 +262,9 @@ def build(
             _remove_build_leftovers(root)
 
             with run.stage(Stage.SCAN) as detail:
-                scan.require_clean(root)
-                detail.append("clean")
+                # The tree and the initramfs dracut just made (served to anyone, like the squashfs).
+                scan.require_clean(root, out / "initrd.img", workdir=staging.path)
+                detail.append("clean (rootfs and initramfs)")
 
             packages = bootstrapper.packages(root)
             rootfs_bytes = squashfs.tree_size(root)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from provision import __version__, proc
-from provision.catalog import PROJECT_ROOT, ROLES_DIR
+from provision.catalog import ROLES_DIR, SOURCE_CHECKOUT
 from provision.image.definition import ImageDefinition
 from provision.image.store import ARTEFACTS, MANIFEST, sha256_file
 
@@ -33,10 +33,13 @@ def role_revisions(roles: tuple[str, ...], roles_dir: Path = ROLES_DIR) -> list[
     for role in roles:
         path = roles_dir / role
         entry: dict[str, Any] = {"name": role, "sha256": _tree_digest(path) if path.is_dir() else None}
-        rev = proc.run(["git", "-C", PROJECT_ROOT, "log", "-1", "--format=%H", "--", path], check=False)
-        entry["revision"] = rev.stdout.strip() or None if rev.returncode == 0 else None
-        dirty = proc.run(["git", "-C", PROJECT_ROOT, "status", "--porcelain", "--", path], check=False)
-        entry["dirty"] = bool(dirty.stdout.strip()) if dirty.returncode == 0 else None
+        entry["revision"] = entry["dirty"] = None  # an installed provision: no checkout to ask
+        if SOURCE_CHECKOUT is not None:
+            source = SOURCE_CHECKOUT / "roles" / role
+            rev = proc.run(["git", "-C", SOURCE_CHECKOUT, "log", "-1", "--format=%H", "--", source], check=False)
+            entry["revision"] = rev.stdout.strip() or None if rev.returncode == 0 else None
+            dirty = proc.run(["git", "-C", SOURCE_CHECKOUT, "status", "--porcelain", "--", source], check=False)
+            entry["dirty"] = bool(dirty.stdout.strip()) if dirty.returncode == 0 else None
         result.append(entry)
     return result
 

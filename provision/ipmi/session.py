@@ -45,7 +45,7 @@ import logging
 import os
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from provision.errors import BmcError
 from provision.ipmi import wire
@@ -75,6 +75,7 @@ RAKP_INVALID_ICV = wire.RMCP_INVALID_ICV
 RMCP_INVALID_SESSION_ID = 0x02
 SEQUENCE_WINDOW = 16
 PROTOCOL_HINT = "the BMC answers in a way this client does not understand; run with --debug and report it"
+_Answer = TypeVar("_Answer", bound=wire.HandshakeAnswer)
 
 
 @dataclass(frozen=True)
@@ -354,9 +355,12 @@ class Session:
 
     # ------------------------------------------------------------------ handshake
 
-    def _ours(self, tag: int, console_sid: int | None) -> bool:
-        """A handshake answer to our current message (a short error answer carries no session id)."""
-        return tag == self._tag and console_sid in (None, self._console_sid)
+    def _ours(self, answer: _Answer | None, payload: bytes, what: str) -> _Answer | None:
+        """The answer if it answers our current message (a short error answer carries no session id), else None."""
+        if answer is None:
+            self._ignore(f"a malformed {what} ({len(payload)} bytes)")
+            return None
+        return answer if answer.tag == self._tag and answer.console_sid in (None, self._console_sid) else None
 
     def _capabilities(self, now: float) -> None:
         self.state = State.CAPABILITIES
@@ -400,11 +404,8 @@ class Session:
         self._send_handshake(wire.PAYLOAD_OPEN_REQUEST, payload, now, f"Open Session (cipher suite {suite.number})")
 
     def _got_open_response(self, payload: bytes, now: float) -> None:
-        response = wire.parse_open_session_response(payload)
+        response = self._ours(wire.parse_open_session_response(payload), payload, "Open Session Response")
         if response is None:
-            self._ignore(f"a malformed Open Session Response ({len(payload)} bytes)")
-            return
-        if not self._ours(response.tag, response.console_sid):
             return
         self._heard()
         if response.status:
@@ -442,11 +443,8 @@ class Session:
         )
 
     def _got_rakp2(self, payload: bytes, now: float) -> None:
-        message = wire.parse_rakp2(payload)
+        message = self._ours(wire.parse_rakp2(payload), payload, "RAKP message 2")
         if message is None:
-            self._ignore(f"a malformed RAKP message 2 ({len(payload)} bytes)")
-            return
-        if not self._ours(message.tag, message.console_sid):
             return
         if message.status:
             if message.status == RMCP_INVALID_SESSION_ID:  # a stale exchange; wait for the retransmission
@@ -495,11 +493,8 @@ class Session:
         self._send_handshake(wire.PAYLOAD_RAKP3, payload3, now, "RAKP message 3")
 
     def _got_rakp4(self, payload: bytes, now: float) -> None:
-        message = wire.parse_rakp4(payload)
+        message = self._ours(wire.parse_rakp4(payload), payload, "RAKP message 4")
         if message is None:
-            self._ignore(f"a malformed RAKP message 4 ({len(payload)} bytes)")
-            return
-        if not self._ours(message.tag, message.console_sid):
             return
         self._heard()
         if message.status:

@@ -287,32 +287,36 @@ def open_session_request(tag: int, privilege: int, console_sid: int, algorithms:
     )
 
 
-def _console_sid(payload: bytes) -> int | None:
-    """The console's session id of a handshake answer; None in a short error answer (tag and status only)."""
-    return int.from_bytes(payload[4:8], "little") if len(payload) >= 8 else None
-
-
 @dataclass(frozen=True)
-class OpenSessionResponse:
+class HandshakeAnswer:
+    """What every answer of the RMCP+ handshake starts with."""
+
     tag: int
     status: int
     console_sid: int | None  # None: a short error answer
+
+
+def _answer_head(payload: bytes, ok_length: int) -> tuple[int, int, int | None] | None:
+    """Tag, status and console session id of a handshake answer; None when it is cut short.
+
+    An error answer may stop after tag and status; a success must hold ``ok_length`` bytes.
+    """
+    if len(payload) < 2 or (payload[1] == 0 and len(payload) < max(8, ok_length)):
+        return None
+    return payload[0], payload[1], int.from_bytes(payload[4:8], "little") if len(payload) >= 8 else None
+
+
+@dataclass(frozen=True)
+class OpenSessionResponse(HandshakeAnswer):
     bmc_sid: int = 0
     algorithms: tuple[int, int, int] = (0, 0, 0)  # what the BMC chose
 
 
 def parse_open_session_response(payload: bytes) -> OpenSessionResponse | None:
-    if len(payload) < 2 or (payload[1] == 0 and len(payload) < 8):
-        return None
-    tag, status = payload[0], payload[1]
-    console_sid = _console_sid(payload)
-    if status != 0:
-        return OpenSessionResponse(tag, status, console_sid)
-    if len(payload) < 36:
-        return None
-    return OpenSessionResponse(
-        tag, 0, console_sid, int.from_bytes(payload[8:12], "little"), (payload[16], payload[24], payload[32])
-    )
+    head = _answer_head(payload, 36)
+    if head is None or head[1] != 0:  # cut short, or an error answer: no body
+        return OpenSessionResponse(*head) if head else None
+    return OpenSessionResponse(*head, int.from_bytes(payload[8:12], "little"), (payload[16], payload[24], payload[32]))
 
 
 def rakp1(tag: int, bmc_sid: int, rm: bytes, role: int, user: bytes) -> bytes:
@@ -320,25 +324,17 @@ def rakp1(tag: int, bmc_sid: int, rm: bytes, role: int, user: bytes) -> bytes:
 
 
 @dataclass(frozen=True)
-class Rakp2:
-    tag: int
-    status: int
-    console_sid: int | None  # None: a short error answer
+class Rakp2(HandshakeAnswer):
     rc: bytes = b""
     guid: bytes = b""
     code: bytes = b""
 
 
 def parse_rakp2(payload: bytes) -> Rakp2 | None:
-    if len(payload) < 2 or (payload[1] == 0 and len(payload) < 8):
-        return None
-    tag, status = payload[0], payload[1]
-    console_sid = _console_sid(payload)
-    if status != 0:
-        return Rakp2(tag, status, console_sid)
-    if len(payload) < 40:
-        return None
-    return Rakp2(tag, 0, console_sid, bytes(payload[8:24]), bytes(payload[24:40]), bytes(payload[40:]))
+    head = _answer_head(payload, 40)
+    if head is None or head[1] != 0:  # cut short, or an error answer: no body
+        return Rakp2(*head) if head else None
+    return Rakp2(*head, bytes(payload[8:24]), bytes(payload[24:40]), bytes(payload[40:]))
 
 
 def rakp3(tag: int, status: int, bmc_sid: int, code: bytes = b"") -> bytes:
@@ -347,14 +343,10 @@ def rakp3(tag: int, status: int, bmc_sid: int, code: bytes = b"") -> bytes:
 
 
 @dataclass(frozen=True)
-class Rakp4:
-    tag: int
-    status: int
-    console_sid: int | None  # None: a short error answer
+class Rakp4(HandshakeAnswer):
     icv: bytes = b""
 
 
 def parse_rakp4(payload: bytes) -> Rakp4 | None:
-    if len(payload) < 2 or (payload[1] == 0 and len(payload) < 8):
-        return None
-    return Rakp4(payload[0], payload[1], _console_sid(payload), bytes(payload[8:]))
+    head = _answer_head(payload, 8)
+    return Rakp4(*head, bytes(payload[8:])) if head else None

@@ -9,11 +9,15 @@
    its tap, whose iPXE ROM network-boots; serial console logged to a file;
    KVM when a probe shows it usable, TCG otherwise). Machines are *not*
    started: they are off until their BMC is told to power on;
-3. one process of virtual BMCs (``python -m provision.lab.vbmc --serve-stdin``,
-   its own session so it outlives the command) on 127.0.0.1, one UDP port per
-   machine; the machine specs travel with the BMC specs on stdin, so that
-   process owns the QEMU machines (power on starts QEMU inside the
-   namespace, off kills it, reset resets it, the boot device is honoured);
+3. the BMCs, on 127.0.0.1, one port per machine, of the kind ``--bmc`` names
+   (``BmcKind``): ``pyghmi`` (default), one process of virtual BMCs
+   (``python -m provision.lab.vbmc --serve-stdin``, its own session so it
+   outlives the command); the machine specs travel with the BMC specs on
+   stdin, so that process owns the QEMU machines (power on starts QEMU
+   inside the namespace, off kills it, reset resets it, the boot device is
+   honoured). ``openipmi``: one OpenIPMI ``ipmi_sim`` per machine whose
+   chassis-control program (``provision.lab.ipmisim``) does the same by pid.
+   The generated inventory's ``provision_bmc_protocol`` follows the kind;
 4. the control node (``ControlPlane``: munged, slapd, configless slurmctld)
    in the same namespace;
 5. a generated inventory (``inventory/hosts.yml`` + ``group_vars/all.yml``)
@@ -45,6 +49,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +58,7 @@ import yaml
 
 from provision.errors import ProvisionError
 from provision.files import write_atomic
+from provision.lab import ipmisim
 from provision.lab.control import ControlPlane, ControlPlaneConfig, LabNode
 from provision.lab.netns import Netns
 from provision.lab.vbmc import VbmcSpec, free_udp_ports, machine_spec_to_json, read_state, ready_line, serve_process
@@ -81,6 +87,17 @@ class RackError(ProvisionError):
     """The virtual rack could not be built, inspected or removed."""
 
 
+class BmcKind(StrEnum):
+    """Which BMC implementation fronts the lab's machines (``provision lab up --bmc``)."""
+
+    PYGHMI = "pyghmi"  # provision.lab.vbmc: pyghmi's server classes, one process for all
+    OPENIPMI = "openipmi"  # OpenIPMI's ipmi_sim, one per machine (provision.lab.ipmisim)
+
+    @property
+    def protocol(self) -> str:
+        return "ipmi"
+
+
 @dataclass(frozen=True)
 class RackConfig:
     nodes: int = 3
@@ -92,6 +109,7 @@ class RackConfig:
     disk_mib: int = 1024
     image: str = DEFAULT_IMAGE
     image_store: str | None = None  # provision_image_store (default: STATE/site/images)
+    bmc: BmcKind = BmcKind.PYGHMI
 
     def __post_init__(self) -> None:
         if not 1 <= self.nodes <= 64:
@@ -269,10 +287,14 @@ class Rack:
             )
         data["nodes"] = nodes
         self._save(data)
-        password = secrets.token_urlsafe(15)  # 20 characters: the IPMI v2.0 limit
+        # 20 characters: the IPMI v2.0 limit; ipmi_sim keeps 16 (IPMI v1.5 user passwords).
+        password = secrets.token_urlsafe(12 if config.bmc is BmcKind.OPENIPMI else 15)
         self._write_vault_password()
         self._write_ssh_key()
-        data["vbmc_pid"] = self._start_vbmc(specs, nodes, password)
+        if config.bmc is BmcKind.OPENIPMI:
+            data["bmc_pids"] = self._start_ipmi_sims(specs, nodes, password)
+        else:
+            data["vbmc_pid"] = self._start_vbmc(specs, nodes, password)
         self._save(data)
         control = self.control_plane(data)
         assert control is not None
@@ -316,6 +338,30 @@ class Rack:
                 hint=f"see {self.root / 'vbmc.log'}",
             )
         return proc.pid
+
+    def _start_ipmi_sims(self, specs: list[MachineSpec], nodes: list[dict[str, Any]], password: str) -> list[int]:
+        self.vbmc_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.vbmc_dir, 0o700)  # lan.conf files hold the password
+        pids: list[int] = []
+        for spec, node in zip(specs, nodes, strict=True):
+            proc = ipmisim.start(
+                self.vbmc_dir,
+                node["name"],
+                port=node["bmc_port"],
+                user=BMC_USER,
+                password=password,
+                machine=machine_spec_to_json(spec),
+                log_path=self.root / "vbmc.log",
+            )
+            pids.append(proc.pid)
+            self._save({**self._record(), "bmc_pids": pids})
+        deadline = time.monotonic() + 15
+        for node in nodes:
+            while not _udp_answers(node["bmc_port"]):
+                if time.monotonic() > deadline:
+                    raise RackError(f"ipmi_sim for {node['name']} did not answer", hint=f"see {self.root / 'vbmc.log'}")
+                time.sleep(0.1)
+        return pids
 
     def _write_inventory(
         self, config: RackConfig, nodes: list[dict[str, Any]], password: str, join_vars: dict[str, Any]
@@ -362,7 +408,7 @@ class Rack:
             "provision_default_image": config.image,
             "provision_state_dir": str(self.site_state),
             "provision_bmc_user": BMC_USER,
-            "provision_bmc_protocol": "ipmi",
+            "provision_bmc_protocol": config.bmc.protocol,
             "provision_boot_netns": config.netns,
             "provision_boot_address": config.server_address,
             "provision_boot_interface": config.bridge,
@@ -407,9 +453,13 @@ class Rack:
             if "-name" in argv:
                 qemu[argv[argv.index("-name") + 1]] = pid
         nodes = []
+        kind = BmcKind(data.get("config", {}).get("bmc", BmcKind.PYGHMI))
         for node in data.get("nodes", []):
             try:
-                power = read_state(self.vbmc_dir, node["name"])["power"]
+                if kind is BmcKind.OPENIPMI:
+                    power = "on" if qemu.get(node["name"]) else "off"
+                else:
+                    power = read_state(self.vbmc_dir, node["name"])["power"]
             except (OSError, ValueError, KeyError):
                 power = "unknown"
             nodes.append({**node, "power": power, "qemu_pid": qemu.get(node["name"])})
@@ -425,7 +475,9 @@ class Rack:
             "accel": data.get("accel"),
             "inventory": data.get("inventory"),
             "vault_password_file": str(self.vault_password_file),
+            "bmc": str(kind),
             "vbmc_pid": vbmc_pid if vbmc_pid and pid_alive(vbmc_pid) else None,
+            "bmc_pids": [p for p in data.get("bmc_pids", []) if pid_alive(p)],
             "control": control.status() if control and data.get("control") else {},
             "nodes": nodes,
         }
@@ -454,6 +506,8 @@ class Rack:
         vbmc_pid = data.get("vbmc_pid")
         if vbmc_pid and pid_alive(vbmc_pid) and "provision.lab.vbmc" in _cmdline(vbmc_pid):
             removed += [f"vbmc:{pid}" for pid in _kill([vbmc_pid])]
+        sims = [p for p in data.get("bmc_pids", []) if pid_alive(p) and any("ipmi_sim" in a for a in _cmdline(p)[:1])]
+        removed += [f"bmc:{pid}" for pid in _kill(sims)]
         removed += [f"qemu:{pid}" for pid in _kill(self.qemu_pids(), grace=2.0)]
         netns_name = data.get("netns")
         if netns_name:
@@ -486,6 +540,22 @@ class Rack:
         return removed
 
 
+def _udp_answers(port: int) -> bool:
+    """Whether an IPMI LAN endpoint on 127.0.0.1:port answers Get Channel Authentication Capabilities."""
+    import socket
+
+    from provision.ipmi import wire
+
+    request = wire.build_v15_packet(wire.channel_auth_capabilities_request(1, wire.PRIV_OPERATOR))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.2)
+        sock.sendto(request, ("127.0.0.1", port))
+        try:
+            return wire.session_less_message(sock.recv(4096)) is not None
+        except (TimeoutError, ConnectionRefusedError):
+            return False
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -493,4 +563,4 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-__all__ = ["DEFAULT_STATE_DIR", "Rack", "RackConfig", "RackError"]
+__all__ = ["DEFAULT_STATE_DIR", "BmcKind", "Rack", "RackConfig", "RackError"]

@@ -31,6 +31,7 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 from provision.errors import ProvisionError
 from provision.proc import NETNS_DIR, netns_exists, pid_alive, run, spawn
@@ -38,6 +39,17 @@ from provision.proc import NETNS_DIR, netns_exists, pid_alive, run, spawn
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 ANCHOR = "holder"
+
+Argv = Sequence[str | os.PathLike[str]]
+
+
+class RunOptions(TypedDict, total=False):
+    """What ``Sandbox.run`` passes on to ``provision.proc.run`` (timeout: 60 s unless given)."""
+
+    input: str | None
+    check: bool
+    timeout: float | None
+    hint: str | None
 
 
 class SandboxError(ProvisionError):
@@ -175,13 +187,13 @@ class Sandbox:
         proc.wait()
         raise SandboxError(f"sandbox {self.hostname} did not come up within {timeout:.0f} s")
 
-    def _enter(self, argv: Sequence[str | os.PathLike[str]]) -> list[str]:
+    def _enter(self, argv: Argv) -> list[str]:
         pid = self.anchor_pid()
         if pid is None:
             raise SandboxError(f"sandbox {self.hostname} is not running", hint="start it first")
         return ["nsenter", f"--target={pid}", "--mount", "--uts", "--net", "--", *(os.fspath(a) for a in argv)]
 
-    def spawn(self, name: str, argv: Sequence[str | os.PathLike[str]], *, env: Mapping[str, str] | None = None) -> int:
+    def spawn(self, name: str, argv: Argv, *, env: Mapping[str, str] | None = None) -> int:
         """Start a long-running (foreground) process inside; record NAME.pid; return its pid."""
         if not _NAME.match(name) or name == ANCHOR:
             raise SandboxError(f"process name {name!r} is not allowed", hint="use [a-z0-9_.-], not 'holder'")
@@ -196,17 +208,11 @@ class Sandbox:
         return proc.pid
 
     def run(
-        self,
-        argv: Sequence[str | os.PathLike[str]],
-        *,
-        env: Mapping[str, str] | None = None,
-        input: str | None = None,
-        check: bool = True,
-        timeout: float | None = 60,
-        hint: str | None = None,
+        self, argv: Argv, *, env: Mapping[str, str] | None = None, **options: Unpack[RunOptions]
     ) -> subprocess.CompletedProcess[str]:
         """Run a command inside the sandbox and wait for it."""
-        return run(self._enter(argv), env=env, input=input, check=check, timeout=timeout, hint=hint)
+        options.setdefault("timeout", 60)
+        return run(self._enter(argv), env=env, **options)
 
     def processes(self) -> list[int]:
         """Every live process inside this sandbox's mount namespace (anchor included)."""

@@ -61,6 +61,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from provision.catalog import IMPORT_ROOT
 from provision.files import write_atomic
 from provision.proc import spawn
 
@@ -682,7 +683,7 @@ def serve_process(items: list[dict[str, Any]], state_dir: Path, log_path: Path) 
     stdin, never argv. Read the process's first line with :func:`ready_line`.
     """
     argv = [sys.executable, "-m", "provision.lab.vbmc", "--serve-stdin", "--state-dir", str(state_dir)]
-    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = {"PYTHONPATH": str(IMPORT_ROOT)}
     proc = spawn(argv, log_path=log_path, env=env, pipe=True)
     assert proc.stdin is not None
     proc.stdin.write(json.dumps(items).encode())

@@ -33,7 +33,7 @@ Trust design
      ssh-ed25519 key pinned from the node's console for its current boot
      (``age -d -i /etc/ssh/ssh_host_ed25519_key``). The tar holds the
      manifest's files (paths relative to /, owner and group by name, modes
-     from the manifest) and the manifest at ``run/provision-join/manifest.json``.
+     from the manifest) and ``manifest.json`` at its top.
   4. ``POST /v1/report`` ``{"node", "boot_id", "nonce", "status":
      "joined"|"failed", "step", "signature"}``, signed (same namespace) over
      ``provision-report-v1\\nnode=…\\nboot_id=…\\nnonce=…\\nstatus=…\\nstep=…\\n``

@@ -25,7 +25,7 @@ import pyrage  # type: ignore[import-untyped]
 from provision.console import HostKey
 from provision.service.errors import BundleError
 
-MANIFEST_MEMBER = "run/provision-join/manifest.json"
+MANIFEST_MEMBER = "manifest.json"  # at the top of the tar, as the agent reads it
 _ACCOUNT = re.compile(r"[a-z_][a-z0-9_-]{0,31}\$?")
 _SERVICE = re.compile(r"[A-Za-z0-9@_.:-]{1,128}")
 _MAX_FILE = 16 << 20
@@ -74,6 +74,9 @@ def _file_entry(manifest: Path, entry: dict[str, object]) -> BundleFile:
         or pure == PurePosixPath("/")
     ):
         raise BundleError(f"{manifest}: path {raw_path!r} is not a normalized absolute path", hint="fix the manifest")
+    if pure.parts[1] not in ("etc", "var") or (pure.parts[1] == "var" and pure.parts[2:3] != ("lib",)):
+        # What the agent installs, the service packs: configuration and state, never /root, /usr, units, ...
+        raise BundleError(f"{manifest}: {raw_path} is outside /etc and /var/lib", hint="fix the join roles' paths")
     if not (
         isinstance(owner, str) and _ACCOUNT.fullmatch(owner) and isinstance(group, str) and _ACCOUNT.fullmatch(group)
     ):

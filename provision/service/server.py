@@ -25,7 +25,7 @@ from provision.console import ConsoleBoot, ConsoleFollower, HostKey
 from provision.inventory import Node, Site
 from provision.service.bundle import BundleStore
 from provision.service.errors import BundleError
-from provision.service.settings import NONCE_TTL, JoinSettings
+from provision.service.settings import NONCE_TTL, JoinSettings, JoinTrust
 from provision.service.sshsig import SignatureError, verify
 from provision.service.state import EventKind, NodeRecord, Nonces, ReportStatus, ServiceState, now_iso, printable
 
@@ -78,20 +78,32 @@ def _peer(request: web.Request) -> str:
 class JoinService:
     """Hands each node, and only that node in this boot, its join bundle."""
 
-    def __init__(self, nodes: Sequence[Node], settings: JoinSettings) -> None:
+    def __init__(
+        self, nodes: Sequence[Node], settings: JoinSettings, tokens: Callable[[str, str], bool] | None = None
+    ) -> None:
+        """``tokens(node, token)``: with ``provision_join_trust: token``, True once for the node's boot token
+        (the boot backend's ``rotate_token``, which then hands the node a new one for its next boot)."""
         self.settings = settings
+        self.tokens = tokens
+        self._token_keys: dict[str, tuple[str, HostKey]] = {}  # node -> (boot_id, key) accepted with its token
         self.nodes: Mapping[str, Node] = {n.name: n for n in nodes}
         self.consoles = {n.name: ConsoleFollower(Path(n.console_log)) for n in nodes if n.console_log}
         self.nonces = Nonces()
         self.bundles = BundleStore(settings.bundles_dir)
         self.state = ServiceState(settings.status_file, nodes={name: NodeRecord() for name in self.nodes})
+        self.state.resume()
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.address: tuple[str, int] = (settings.address, settings.port)
 
     @classmethod
     def from_site(cls, site: Site) -> JoinService:
-        return cls(site.nodes, JoinSettings.from_site(site))
+        settings = JoinSettings.from_site(site)
+        if settings.trust is not JoinTrust.TOKEN:
+            return cls(site.nodes, settings)
+        from provision.boot.base import backend_for
+
+        return cls(site.nodes, settings, tokens=backend_for(site).rotate_token)
 
     # -- consoles -----------------------------------------------------------------
     def console(self, name: str) -> ConsoleBoot | None:
@@ -108,6 +120,8 @@ class JoinService:
         key = boot.key("ssh-ed25519")
         fingerprint = key.fingerprint if key else None
         if boot.boot_id != record.boot_id:
+            if record.boot_id:
+                record.earlier_boots = [*record.earlier_boots, record.boot_id][-16:]
             record.boot_id = boot.boot_id
             record.boot_seen = now_iso()
             record.key_fingerprint = None
@@ -138,12 +152,14 @@ class JoinService:
         now = time.monotonic()
         if not isinstance(nonce, str) or not self.nonces.valid(node.name, nonce, now):
             raise _Refused(403, "no such challenge (unknown, expired or already used)")
+        if self.settings.trust is JoinTrust.TOKEN:
+            return self._verify_token(node, body, boot_id, message(node.name, boot_id, nonce), signature)
         boot = self.console(node.name)
         if boot is None:
             raise _Refused(403, "no console log for this node (provision_console_log)")
         follower = self.consoles[node.name]
         if boot_id != boot.boot_id:
-            if follower.seen_boot(boot_id):
+            if follower.seen_boot(boot_id) or boot_id in self.state.nodes[node.name].earlier_boots:
                 raise _Refused(403, "boot_id is an earlier boot of this node, not its current one")
             raise _Refused(503, "this boot has not appeared on the node's console yet", pending=True)
         key = boot.key("ssh-ed25519")
@@ -153,6 +169,34 @@ class JoinService:
             verify(message(node.name, boot_id, nonce), signature, namespace=NAMESPACE, public_key=key.blob)
         except SignatureError as exc:
             raise _Refused(403, f"signature not by the host key pinned from the console for this boot ({exc})") from exc
+        return _Verified(node.name, boot_id, key)
+
+    def _verify_token(
+        self, node: Node, body: Mapping[str, object], boot_id: str, message: bytes, signature: str
+    ) -> _Verified:
+        """The weaker, opt-in policy: the node's key comes with the request, vouched for by its boot token.
+
+        A bundle request carries the single-use token from the node's iPXE script (served only to the
+        address dnsmasq leased it) and the public key the bundle is encrypted to; the token is spent, and
+        replaced for the next boot, only once every other check passed (``bundle``). A report is signed by
+        the key accepted with this boot's token.
+        """
+        if not node.ip:
+            raise _Refused(403, "the token policy needs the node's provision_ip (the token is bound to its lease)")
+        public = body.get("public_key")
+        if "token" not in body:  # a report: the key this boot's token vouched for
+            accepted = self._token_keys.get(node.name)
+            if accepted is None or accepted[0] != boot_id:
+                raise _Refused(403, "no bundle was served to this boot")
+            key = accepted[1]
+        elif isinstance(public, str) and isinstance(body.get("token"), str) and public.startswith("ssh-ed25519 "):
+            key = HostKey("ssh-ed25519", public.split()[1])
+        else:
+            raise _Refused(403, "malformed request (token policy: token and public_key)")
+        try:
+            verify(message, signature, namespace=NAMESPACE, public_key=key.blob)
+        except (SignatureError, ValueError) as exc:
+            raise _Refused(403, f"signature not by the key sent with the request ({exc})") from exc
         return _Verified(node.name, boot_id, key)
 
     def _refuse(self, refused: _Refused, node: object, peer: str) -> web.Response:
@@ -194,6 +238,10 @@ class JoinService:
             payload = self.bundles.encrypt(verified.node, verified.key)
             if not self.nonces.consume(verified.node, str(body["nonce"]), time.monotonic()):
                 raise _Refused(403, "no such challenge (unknown, expired or already used)")
+            if self.tokens is not None:
+                if not self.tokens(verified.node, str(body.get("token"))):
+                    raise _Refused(403, "boot token unknown or already used")
+                self._token_keys[verified.node] = (verified.boot_id, verified.key)
         except _Refused as refused:
             return self._refuse(refused, body.get("node"), peer)
         except BundleError as exc:

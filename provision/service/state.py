@@ -87,6 +87,7 @@ class NodeRecord:
     last_report: dict[str, str] | None = None  # status, step, boot_id, time
     refusals: int = 0
     last_refusal: str | None = None
+    earlier_boots: list[str] = field(default_factory=list)  # boot ids the console showed before (the last 16)
 
 
 class Nonces:
@@ -130,6 +131,22 @@ class ServiceState:
     events: deque[Event] = field(default_factory=lambda: deque(maxlen=EVENTS_KEPT))
     started: float = field(default_factory=time.time)
     dirty: bool = True
+
+    def resume(self) -> None:
+        """Carry over what the last run of the service wrote (records, events): a restart forgets nothing."""
+        from provision.service.errors import JoinServiceError
+
+        try:
+            previous = read_status(self.status_file)
+        except (JoinServiceError, KeyError, TypeError, ValueError) as exc:  # replaced, not fatal
+            log.warning("%s: not carried over (%s)", self.status_file, exc)
+            return
+        if previous is None:
+            return
+        for name, record in previous.nodes.items():
+            if name in self.nodes:
+                self.nodes[name] = record
+        self.events.extend(previous.events)
 
     def event(self, kind: EventKind, node: str, peer: str, detail: str) -> Event:
         now = time.time()

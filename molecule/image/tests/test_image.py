@@ -144,3 +144,22 @@ def test_postboot_units_enabled_not_run(host):
     assert f"{SCRATCH}/scratch/tmp" in host.file("/usr/local/libexec/provision/postboot/storage").content_string
     for script in ("storage", "cvmfs", "ldap-ca", "sssd", "helpers"):
         assert host.run(f"sh -n /usr/local/libexec/provision/postboot/{script}").rc == 0
+
+
+def test_join_agent_installed_enabled_not_run(host):
+    for package in ("age", "curl", "openssh-client"):
+        assert host.package(package).is_installed
+    agent = host.file("/usr/libexec/provision/join-agent")
+    assert agent.mode == 0o755
+    assert agent.user == "root"
+    assert host.run("sh -n /usr/libexec/provision/join-agent").rc == 0
+    unit = host.service("provision-join-agent")
+    assert unit.is_enabled
+    assert not unit.is_running  # image time: enabled for the next boot, never started
+    assert host.check_output("systemctl show -P ActiveState provision-join-agent.service") == "inactive"
+    after = host.check_output("systemctl show -P After provision-join-agent.service")
+    assert "network-online.target" in after and "provision-ssh-keygen.service" in after
+    # No join service on the command line or in the image: the agent says so and succeeds.
+    quiet = host.run("PROVISION_JOIN_KMSG=/dev/null /usr/libexec/provision/join-agent --once")
+    assert quiet.rc == 0, quiet.stderr
+    assert "provision: join no join service configured" in quiet.stderr

@@ -14,17 +14,18 @@ import json
 import os
 import secrets
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import netaddr
 
 from provision.boot.base import (
+    PREPARE,
     BackendName,
     BootHost,
     BootImage,
     Prepared,
+    PrepareOptions,
     Published,
     ServiceStatus,
     check_host_name,
@@ -91,22 +92,18 @@ class BuiltinBackend(Layout):
         """Nothing held: the services outlive this object (``stop`` ends them)."""
 
     # -- serving ----------------------------------------------------------
-    def sync(
-        self,
-        site: Site,
-        nodes: Sequence[Node],
-        *,
-        image_for: Mapping[str, str] | None = None,
-        activate: bool = True,
-    ) -> Prepared:
-        """``prepare`` without touching the services: check ``nodes``, write their hosts and images."""
+    def prepare(self, site: Site, nodes: Sequence[Node], how: PrepareOptions = PREPARE) -> Prepared:
+        """Check ``nodes``, write their hosts and images; then start or reload the services (``how.serve``)."""
         site.require_valid(nodes)
         known = {h.name: h for h in self.list_hosts()}
-        hosts = site_hosts(site, nodes, image_for=image_for, provision={n: h.provision for n, h in known.items()})
+        provision = {n: h.provision for n, h in known.items()}
+        hosts = site_hosts(site, nodes, image_for=how.image_for, provision=provision)
         plan = sync_hosts(self, hosts)
         gone = self.remove_hosts(sorted(set(known) - {n.name.lower() for n in site.nodes}))
-        images = {name: self._sync_image(name, activate) for name in sorted({h.image for h in hosts if h.image})}
-        return Prepared(plan.to_write, tuple(gone), images, (), self.config.base_url)
+        wanted = sorted({h.image for h in hosts if h.image})
+        images = {name: self._sync_image(name, how.activate) for name in wanted}
+        services = tuple(self.serve()) if how.serve else ()
+        return Prepared(plan.to_write, tuple(gone), images, services, self.config.base_url)
 
     def _sync_image(self, name: str, activate: bool) -> str:
         store = self.config.image_store
@@ -115,17 +112,6 @@ class BuiltinBackend(Layout):
         record = self.add_store_version(store, name, activate=activate)
         _, active = self.versions(name)
         return f"{record.version} ({'active' if active == record.version else f'servable; active {active}'})"
-
-    def prepare(
-        self,
-        site: Site,
-        nodes: Sequence[Node],
-        *,
-        image_for: Mapping[str, str] | None = None,
-        activate: bool = True,
-    ) -> Prepared:
-        synced = self.sync(site, nodes, image_for=image_for, activate=activate)
-        return replace(synced, services=tuple(self.serve()))
 
     def serve(self) -> list[ServiceStatus]:
         """Render, then start what is not running, restart what runs an older config. Idempotent."""
@@ -333,56 +319,55 @@ class BuiltinBackend(Layout):
             tokens = read_tokens(self.tokens_path)
             for host in hosts:
                 reg.hosts[host.name] = host
-                if host.provision and host.name not in tokens:
+                if self.config.boot_tokens and host.provision and host.name not in tokens:
                     tokens[host.name] = secrets.token_urlsafe(24)
             save_tokens(self.tokens_path, tokens)
             self._render(reg)
 
-    def remove_hosts(self, names: Sequence[str]) -> list[str]:
-        removed: list[str] = []
+    @contextlib.contextmanager
+    def _editing(self) -> Iterator[tuple[Registry, dict[str, str], list[str]]]:
+        """The registry and the tokens under the lock; saved and rendered once a name is added to the list."""
         with self._locked() as reg:
             tokens = read_tokens(self.tokens_path)
-            for raw in names:
-                name = check_host_name(raw)
+            changed: list[str] = []
+            yield reg, tokens, changed
+            if changed:
+                save_tokens(self.tokens_path, tokens)
+                self._render(reg)
+
+    def remove_hosts(self, names: Sequence[str]) -> list[str]:
+        with self._editing() as (reg, tokens, removed):
+            for name in map(check_host_name, names):
                 if reg.hosts.pop(name, None) is not None:
                     tokens.pop(name, None)
                     removed.append(name)
-            if removed:
-                save_tokens(self.tokens_path, tokens)
-                self._render(reg)
         return removed
 
     def set_provision(self, names: Sequence[str], provision: bool) -> list[str]:
-        changed: list[str] = []
-        with self._locked() as reg:
-            tokens = read_tokens(self.tokens_path)
-            for raw in names:
-                name = check_host_name(raw)
+        with self._editing() as (reg, tokens, changed):
+            for name in map(check_host_name, names):
                 host = reg.hosts.get(name)
                 if host is None or host.provision == provision:
                     continue
                 reg.hosts[name] = host.with_provision(provision)
-                if provision:
-                    tokens[name] = secrets.token_urlsafe(24)  # a fresh one-time token per provisioning
+                if provision and self.config.boot_tokens:
+                    tokens[name] = secrets.token_urlsafe(24)  # a fresh single-use token per provisioning
                 else:
                     tokens.pop(name, None)
                 changed.append(name)
-            if changed:
-                save_tokens(self.tokens_path, tokens)
-                self._render(reg)
         return changed
 
-    def consume_token(self, name: str, token: str) -> bool:
-        """True once for the token the node booted with; the token is then spent."""
+    def rotate_token(self, name: str, token: str) -> bool:
+        """True once for the token the node booted with; its script then carries a new one for its next boot."""
         name = check_host_name(name)
-        with self._locked():
-            tokens = read_tokens(self.tokens_path)
+        if not self.config.boot_tokens:
+            return False
+        with self._editing() as (_, tokens, changed):
             expected = tokens.get(name)
-            if expected is None or not secrets.compare_digest(expected.encode(), token.encode()):
-                return False
-            del tokens[name]
-            save_tokens(self.tokens_path, tokens)
-        return True
+            if expected is not None and secrets.compare_digest(expected.encode(), token.encode()):
+                tokens[name] = secrets.token_urlsafe(24)
+                changed.append(name)
+        return bool(changed)
 
 
 if TYPE_CHECKING:

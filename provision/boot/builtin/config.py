@@ -13,6 +13,7 @@ import netaddr
 
 from provision.boot.base import check_image_name, config_flag
 from provision.errors import BootError
+from provision.service.settings import JoinMode, JoinSettings, JoinTrust
 
 IPXE_DIR = Path("/usr/lib/ipxe")
 
@@ -56,7 +57,8 @@ class BuiltinConfig:
     ``provision_gateway``, ``provision_dns_servers``, ``provision_default_image``,
     ``provision_ssh_authorized_keys`` (public keys the booted nodes fetch for
     root from ``<base_url>/ssh/authorized_keys``: the stateless role's
-    ``stateless_fetch_root_keys``).
+    ``stateless_fetch_root_keys``), ``provision_boot_proxy_any`` (false: in
+    proxy mode, boot information goes to the inventory's MACs only).
     """
 
     state_dir: Path
@@ -76,6 +78,9 @@ class BuiltinConfig:
     ipxe_dir: Path = IPXE_DIR
     http_workers: str = "auto"
     authorized_keys: tuple[str, ...] = ()
+    join_url: str | None = None  # the join service the nodes' agents ask (kernel command line provision.join=)
+    boot_tokens: bool = False  # provision_join_trust: token — a single-use token in each node's script
+    proxy_any: bool = False  # proxy mode: answer every PXE client, not only the inventory's MACs
 
     @property
     def base_url(self) -> str:
@@ -161,6 +166,12 @@ class BuiltinConfig:
             )
         keys = _authorized_keys(config.get("provision_ssh_authorized_keys"))
         default_image = config.get("provision_default_image")
+        join = JoinSettings.from_vars(config, Path(str(state)))
+        if join.trust is JoinTrust.TOKEN and mode is DhcpMode.PROXY:
+            raise BootError(
+                "provision_join_trust: token needs provision_boot_dhcp_mode: static",
+                hint="a boot token is bound to the address dnsmasq leases the node; in proxy mode it is not",
+            )
         return cls(
             state_dir=state_dir,
             network=str(network.cidr),
@@ -177,6 +188,9 @@ class BuiltinConfig:
             image_store=Path(str(store)) if store else Path(str(state)) / "images",
             default_image=check_image_name(str(default_image)) if default_image else None,
             authorized_keys=keys,
+            join_url=join.url if join.mode is JoinMode.AGENT else None,
+            boot_tokens=join.mode is JoinMode.AGENT and join.trust is JoinTrust.TOKEN,
+            proxy_any=config_flag(config, "provision_boot_proxy_any", False),
         )
 
 

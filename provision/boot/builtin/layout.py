@@ -13,9 +13,16 @@
     logs/http-access.log     nginx access log: evidence of boot phases
     tftp/                    iPXE binaries for firmware PXE clients
     www/boot.ipxe            generic script: chains www/boot/<mac>.ipxe
-    www/boot/<mac>.ipxe      per-node script (mode 0600: carries the boot token)
+    www/boot/<mac>.ipxe      per-node script (root, group of nginx's workers, 0640: carries the boot token)
     www/ssh/authorized_keys  public keys the booted nodes fetch for root
-    www/images/<name>/<version>/  symlinks into the image store
+    www/images/<name>/<version>/  hard links into the image store (symlinks only across filesystems)
+
+Run as root, the services bind as root and then serve as unprivileged users
+(dnsmasq: ``dnsmasq`` or ``nobody``; nginx's workers: ``www-data`` or
+``nobody``). This directory is 0711 so they reach ``www/``, ``tftp/`` and
+``conf/dnsmasq.hosts`` by name but list nothing; ``run/`` and ``logs/`` are
+0700 and ``tokens.json`` 0600. Directories above it get the search bit
+(o+x) when they lack it, never read.
 """
 
 from __future__ import annotations

@@ -10,8 +10,11 @@ running service; it reports what changed so the caller can reload.
 from __future__ import annotations
 
 import getpass
+import grp
 import os
+import pwd
 import shutil
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +53,64 @@ def served_names(record: ImageVersionRecord) -> tuple[str, list[str]]:
 
 
 @dataclass(frozen=True)
+class ServiceUser:
+    """The account a service's network-facing processes run as."""
+
+    name: str
+    uid: int
+    gid: int
+
+    @classmethod
+    def pick(cls, *candidates: str) -> ServiceUser:
+        """As root: the first unprivileged account that exists (nobody last). Otherwise: ourselves."""
+        if os.geteuid() != 0:
+            me = pwd.getpwuid(os.geteuid())
+            return cls(getpass.getuser(), me.pw_uid, me.pw_gid)
+        for name in (*candidates, "nobody"):
+            try:
+                entry = pwd.getpwnam(name)
+            except KeyError:
+                continue
+            if entry.pw_uid != 0:
+                return cls(name, entry.pw_uid, entry.pw_gid)
+        raise BootError("no unprivileged account for the boot services", hint="create the user nobody")
+
+    @property
+    def group(self) -> str:
+        return grp.getgrgid(self.gid).gr_name
+
+
+def nginx_quote(value: object) -> str:
+    """A value in nginx.conf: double-quoted, backslash and quote escaped (paths with spaces)."""
+    text = str(value)
+    if any(c in text for c in "$\n\r\0"):  # nginx expands $variables in paths
+        raise BootError(
+            f"{text!r}: nginx cannot read a path with $ or a line break", hint="use a provision_state_dir without them"
+        )
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def dnsmasq_quote(value: object) -> str:
+    """A value in dnsmasq.conf: double-quoted (dnsmasq strips the quotes; a comma or quote cannot be written)."""
+    text = str(value)
+    if any(c in text for c in '",\\\n\r\0'):
+        raise BootError(
+            f"{text!r}: dnsmasq cannot read a path with a comma, quote, backslash or line break",
+            hint="use a provision_state_dir without them",
+        )
+    return f'"{text}"'
+
+
+#: A client with no script of its own (boot.ipxe): tries, seconds between them, then the next boot device.
+UNKNOWN_ATTEMPTS = 3
+UNKNOWN_WAIT = 10
+
+#: Worker accounts, most specific first (Debian's packages create dnsmasq and www-data).
+DNSMASQ_USERS = ("dnsmasq",)
+NGINX_USERS = ("www-data", "nginx")
+
+
+@dataclass(frozen=True)
 class Written:
     """What a render changed that running services must be told about."""
 
@@ -69,14 +130,13 @@ class Renderer:
             lstrip_blocks=True,
             autoescape=False,
         )
+        self._env.filters["nq"] = nginx_quote
+        self._env.filters["dq"] = dnsmasq_quote
+        self.dnsmasq_user = ServiceUser.pick(*DNSMASQ_USERS)
+        self.nginx_user = ServiceUser.pick(*NGINX_USERS)
 
     def _template(self, template: str, **values: Any) -> str:
         return self._env.get_template(template).render(**values)
-
-    @staticmethod
-    def _user() -> str:
-        # The services read the state directory (often mode 0700) and the image store: run them as its owner.
-        return getpass.getuser()
 
     def dnsmasq(self, hosts: Sequence[BootHost]) -> tuple[str, str]:
         """(dnsmasq.conf, dnsmasq.hosts) for ``hosts``."""
@@ -91,7 +151,8 @@ class Renderer:
             mode=str(cfg.dhcp_mode),
             interface=cfg.interface,
             server=cfg.server_address,
-            user=self._user(),
+            user=self.dnsmasq_user.name,
+            group=self.dnsmasq_user.group,
             pid_file=paths.own_pid_file(Service.DNSMASQ),
             log_file=paths.dnsmasq_log,
             lease_file=paths.lease_file,
@@ -105,8 +166,9 @@ class Renderer:
             tftp_root=paths.tftp_root,
             uefi_loader=str(cfg.uefi_loader),
             boot_url=f"{cfg.base_url}/boot.ipxe",
+            proxy_any=cfg.proxy_any,
         )
-        return conf, self._template("dnsmasq.hosts.j2", leases=leases)
+        return conf, self._template("dnsmasq.hosts.j2", leases=leases, mode=str(cfg.dhcp_mode))
 
     def nginx(self, hosts: Sequence[BootHost] = ()) -> str:
         """nginx.conf. With static leases each node's script (it carries the token) is served to its address only."""
@@ -120,13 +182,15 @@ class Renderer:
             "nginx.conf.j2",
             pinned=pinned,
             workers=cfg.http_workers,
-            user=self._user() if os.geteuid() == 0 else None,
+            user=self.nginx_user.name if os.geteuid() == 0 else None,
+            group=self.nginx_user.group,
             pid_file=paths.own_pid_file(Service.NGINX),
             error_log=paths.nginx_error_log,
             access_log=paths.http_access_log,
             temp_dir=paths.nginx_temp,
             listen=f"{cfg.server_address}:{cfg.http_port}",
             docroot=paths.docroot,
+            images_symlinked=self._images_symlinked,
         )
 
     def node_script(self, host: BootHost, mac: str, reg: Registry, token: str | None) -> str:
@@ -156,6 +220,8 @@ class Renderer:
             if ip:
                 args.append(f"provision.ip={ip}")
             args.append(f"provision.server={cfg.base_url}")
+            if cfg.join_url:
+                args.append(f"provision.join={cfg.join_url}")
             if token:
                 args.append(f"provision.token={token}")
             present = {word for arg in args for word in arg.split()}
@@ -184,27 +250,61 @@ class Renderer:
             paths.nginx_temp,
         ):
             directory.mkdir(parents=True, exist_ok=True)
+        self._grant_access()
+        self._sync_images(reg)
         hosts = list(reg.hosts.values())
         conf, hosts_text = self.dnsmasq(hosts)
         write_atomic(paths.conf_file(Service.DNSMASQ), conf)
         hosts_changed = write_atomic(paths.hosts_file, hosts_text)
         nginx_changed = write_atomic(paths.conf_file(Service.NGINX), self.nginx(hosts))
-        write_atomic(paths.docroot / "boot.ipxe", self._template("boot.ipxe.j2", base_url=self.config.base_url))
+        write_atomic(
+            paths.docroot / "boot.ipxe",
+            self._template("boot.ipxe.j2", base_url=self.config.base_url, attempts=UNKNOWN_ATTEMPTS, wait=UNKNOWN_WAIT),
+        )
         keys = "".join(f"{key}\n" for key in self.config.authorized_keys)
         write_atomic(paths.docroot / "ssh" / "authorized_keys", keys, mode=0o644)
         self._sync_tftp()
-        self._sync_images(reg)
         wanted: set[str] = set()
         for host in hosts:
             for mac in host.macs:
                 file_name = f"{mac_file_name(mac)}.ipxe"
                 wanted.add(file_name)
                 script = self.node_script(host, mac, reg, tokens.get(host.name) if host.provision else None)
-                write_atomic(paths.docroot / "boot" / file_name, script, mode=0o600)
+                script_path = paths.docroot / "boot" / file_name
+                write_atomic(script_path, script, mode=0o600)
+                # Carries the token: readable by nginx's workers (their group) and nobody else.
+                os.chown(script_path, -1, self.nginx_user.gid)
+                script_path.chmod(0o640)
         for stale in (paths.docroot / "boot").glob("*.ipxe"):
             if stale.name not in wanted:
                 stale.unlink()
         return Written(hosts_changed=hosts_changed, nginx_changed=nginx_changed)
+
+    def _grant_access(self) -> None:
+        """The workers (unprivileged) can reach www/, tftp/ and conf/dnsmasq.hosts; nothing else of the state dir.
+
+        The boot directory is 0711 (no listing: tokens.json and registry.json stay unreadable to them); each
+        directory above it gets the search bit (o+x) if it lacks it, never read.
+        """
+        paths = self.layout
+        if os.geteuid() != 0:
+            return
+        for ancestor in reversed(paths.root.resolve().parents):
+            mode = ancestor.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                ancestor.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+        paths.root.chmod(0o711)
+        for directory in (paths.conf_dir, paths.docroot, paths.docroot / "boot", paths.docroot / "images",
+                          paths.docroot / "ssh", paths.tftp_root):  # fmt: skip
+            directory.chmod(0o755)
+        for private in (paths.run_dir, paths.log_dir):
+            private.chmod(0o700)
+
+    @property
+    def _images_symlinked(self) -> bool:
+        """True when some image file is served through a symlink (its store is on another filesystem)."""
+        images = self.layout.docroot / "images"
+        return images.is_dir() and any(p.is_symlink() for p in images.glob("*/*/*"))
 
     def _sync_tftp(self) -> None:
         for binary in ("undionly.kpxe", "ipxe.efi", "snponly.efi"):
@@ -232,11 +332,7 @@ class Renderer:
                 if record.squashfs:
                     links[Path(record.squashfs).name] = record.squashfs
                 for link_name, target in links.items():
-                    link = vdir / link_name
-                    if link.is_symlink() and os.readlink(link) == target:
-                        continue
-                    link.unlink(missing_ok=True)
-                    link.symlink_to(target)
+                    _link_into_docroot(vdir / link_name, Path(target))
                 for extra in vdir.iterdir():
                     if extra.name not in links:
                         extra.unlink()
@@ -246,3 +342,20 @@ class Renderer:
                     shutil.rmtree(vdir)
             if name_dir.is_dir() and not any(name_dir.iterdir()):
                 name_dir.rmdir()
+
+
+def _link_into_docroot(link: Path, target: Path) -> None:
+    """A hard link to target (no copy, and nginx follows no symlink); a symlink when target is on another filesystem.
+
+    A 400 MB squashfs costs one directory entry either way. The store replaces files by rename, never in place,
+    so a hard link keeps serving the bytes it was made for until the next render.
+    """
+    if link.exists() and not link.is_symlink() and os.path.samefile(link, target):
+        return
+    if link.is_symlink() and os.readlink(link) == str(target) and link.stat().st_dev != target.parent.stat().st_dev:
+        return
+    link.unlink(missing_ok=True)
+    try:
+        os.link(target, link)
+    except OSError:  # another filesystem (EXDEV), or hard links refused: nginx follows it only if owners match
+        link.symlink_to(target)

@@ -89,15 +89,16 @@ def report(rows: Sequence[NodeProgress], as_json: bool, extra: dict[str, Any] | 
 @click.command("boot")
 @selection
 @click.option("--image", metavar="NAME", help="Boot this image instead of the inventory's (until the next sync).")
+@click.option("--timeout", "boot_timeout", type=Duration(), default=600.0, help="Per node, power-on to sshd answering.")
+@click.option("--dhcp-timeout", type=Duration(), default=300.0, help="Per node, power-on to its first DHCP request.")
 @click.option(
-    "--timeout",
-    "boot_timeout",
-    type=Duration(),
-    default=600.0,
-    show_default=True,
-    help="Per node, from power-on to sshd answering.",
+    "--join",
+    "do_join",
+    is_flag=True,
+    help="Also wait until each node has joined (Slurm): its own agent reports it (provision_join_mode: agent, the "
+    "default; nodes join by themselves at every boot, with or without --join), or playbooks/join.yml runs over SSH "
+    "(provision_join_mode: push).",
 )
-@click.option("--join", "do_join", is_flag=True, help="Then run playbooks/join.yml on the nodes that came up.")
 @click.option("--join-timeout", type=Duration(), default=None, help="Limit for the whole join run.")
 @bmc_fanout_options("--bmc-timeout")
 @assume_yes
@@ -108,6 +109,7 @@ def boot(
     /,
     image: str | None,
     boot_timeout: float,
+    dhcp_timeout: float,
     do_join: bool,
     join_timeout: float | None,
     yes: bool,
@@ -119,9 +121,10 @@ def boot(
     \b
     Stages, in seconds since power-on: power (BMC accepted), dhcp, script
     (its iPXE script), kernel, initrd, rootfs (from the boot server's logs),
-    ssh (sshd answers), joined (--join: playbooks/join.yml passed, the
-    node idle in Slurm). The SSH host key a node prints on its console
-    (provision_console_log) is pinned for the join.
+    ssh (sshd answers), joined (--join: the node's agent reported its
+    join bundle installed and services started; in push mode
+    playbooks/join.yml passed). The SSH host key a node prints on its
+    console (provision_console_log) is pinned (SSH, and the join service).
 
     Nodes that fail are reported with the last stage they reached and
     their console's tail; the others carry on. Exit code 1 if any failed.
@@ -133,6 +136,7 @@ def boot(
     run_settings = BootSettings(
         image=image,
         timeout=boot_timeout,
+        dhcp_timeout=dhcp_timeout,
         join=do_join,
         join_timeout=int(join_timeout) if join_timeout else None,
         fanout=fanout_settings(len(nodes), timeout=settings.pop("bmc_timeout"), **settings),

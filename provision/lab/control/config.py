@@ -170,6 +170,10 @@ class ControlPlanePaths:
     slurm_state: Path = field(init=False)
     ldap_db: Path = field(init=False)
     sandbox: Path = field(init=False)
+    slurm_conf: Path = field(init=False)
+    munge_key: Path = field(init=False)
+    pids: Path = field(init=False)
+    logs: Path = field(init=False)
 
     def __post_init__(self) -> None:
         for name, sub in (
@@ -180,24 +184,12 @@ class ControlPlanePaths:
             ("slurm_state", "slurmctld"),
             ("ldap_db", "ldap"),
             ("sandbox", "run"),
+            ("slurm_conf", "etc/slurm.conf"),
+            ("munge_key", "secrets/munge.key"),
+            ("pids", "run/pids"),
+            ("logs", "run/log"),
         ):
             object.__setattr__(self, name, self.root / sub)
-
-    @property
-    def slurm_conf(self) -> Path:
-        return self.etc / "slurm.conf"
-
-    @property
-    def munge_key(self) -> Path:
-        return self.secrets / "munge.key"
-
-    @property
-    def pids(self) -> Path:
-        return self.sandbox / "pids"
-
-    @property
-    def logs(self) -> Path:
-        return self.sandbox / "log"
 
     def password_file(self, name: str) -> Path:
         return self.secrets / f"{name}.password"

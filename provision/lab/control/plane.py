@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 from provision.lab.control import daemons, directory, render
 from provision.lab.control import secrets as lab_secrets
 from provision.lab.control.config import ControlPlaneConfig, ControlPlaneError, ControlPlanePaths, LdapInfo
-from provision.lab.sandbox import Sandbox
+from provision.lab.sandbox import Argv, RunOptions, Sandbox
 from provision.proc import netns_exists
 
 DEBIAN_PACKAGES = "slurmctld slurm-client munge slapd ldap-utils"
@@ -170,16 +169,10 @@ class ControlPlane:
         return {"SLURM_CONF": str(self.paths.slurm_conf)}
 
     def run(
-        self,
-        argv: Sequence[str | os.PathLike[str]],
-        *,
-        env: Mapping[str, str] | None = None,
-        input: str | None = None,
-        check: bool = True,
-        timeout: float | None = 60,
+        self, argv: Argv, *, env: Mapping[str, str] | None = None, **options: Unpack[RunOptions]
     ) -> subprocess.CompletedProcess[str]:
         """Run a command on the control node (SLURM_CONF set), e.g. ``["sinfo"]``."""
-        return self.sandbox.run(argv, env={**self.env(), **(env or {})}, input=input, check=check, timeout=timeout)
+        return self.sandbox.run(argv, env={**self.env(), **(env or {})}, **options)
 
     def ldapsearch(self, filter: str, *attrs: str, bind: bool = True) -> subprocess.CompletedProcess[str]:
         """Search the directory as the SSSD bind user (StartTLS when TLS is on)."""
