@@ -9,21 +9,23 @@ be Jinja templates, rendered by Ansible's templar. The result is a frozen
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import netaddr
-from ClusterShell.NodeSet import NodeSet, NodeSetParseError
+from ClusterShell.NodeSet import NodeSet, NodeSetException
+from ClusterShell.NodeUtils import GroupResolverError
 
 from provision.catalog import known_images
 from provision.errors import InventoryError, ValidationError
-from provision.names import HOST_RULE, host_name_problem
+from provision.names import HOST_RULE, IMAGE_RULE, host_name_problem, is_exact_image_name
 from provision.settings import SiteSettings
 
 RACK_PREFIX = "rack_"
@@ -183,18 +185,20 @@ class Site:
         if rack:
             chosen = list(self.rack(rack).nodes)
         if nodes:
+            _check_nodeset_size(nodes)
             try:
                 wanted = NodeSet(nodes)
-            except NodeSetParseError as exc:
+                unknown = wanted.difference(NodeSet.fromlist([n.name for n in self.nodes]))
+            except (NodeSetException, GroupResolverError) as exc:
+                reason = " ".join(str(exc).split()) or type(exc).__name__
                 raise InventoryError(
-                    f"--nodes: {nodes!r} is not a nodeset ({exc})",
-                    hint="write a nodeset such as cn[01-04],gpu01",
+                    f"--nodes: {nodes!r} is not a nodeset ({reason})",
+                    hint="write a nodeset such as cn[01-04],gpu01 (groups: @group of a configured group source)",
                 ) from exc
-            names = {n.name for n in self.nodes}
-            unknown = [n for n in wanted if n not in names]
             if unknown:
+                shown = str(unknown) if len(str(unknown)) <= 200 else f"{str(unknown)[:200]}…"
                 raise InventoryError(
-                    f"--nodes: not in the inventory: {NodeSet.fromlist(unknown)}",
+                    f"--nodes: not in the inventory: {shown}",
                     hint="`provision node list --all` shows the inventory's nodes",
                 )
             chosen = [n for n in chosen if n.name in wanted]
@@ -210,6 +214,21 @@ class Site:
         problems = self.problems_for(selected)
         if problems:
             raise ValidationError(problems)
+
+
+_NODESET_RANGE = re.compile(r"(\d+)\s*-\s*(\d+)")
+
+
+def _check_nodeset_size(nodes: str) -> None:
+    """Refuse before parsing a nodeset that would name more hosts than any site has (ClusterShell expands ranges)."""
+    too_big = len(nodes) > 10_000 or any(
+        int(end) - int(begin) >= MAX_RANGE_HOSTS for begin, end in _NODESET_RANGE.findall(nodes)
+    )
+    if too_big:
+        raise InventoryError(
+            f"--nodes: {nodes[:60]!r} names more than {MAX_RANGE_HOSTS} hosts",
+            hint="write a nodeset of the inventory's nodes, e.g. cn[01-04],gpu01",
+        )
 
 
 # --------------------------------------------------------------------------
@@ -257,16 +276,63 @@ def _vault_secrets(vault_password_file: str | None) -> list[Any]:
                 f"vault password file {path} does not exist",
                 hint="pass --vault-password-file or set ANSIBLE_VAULT_PASSWORD_FILE",
             )
+        from ansible.errors import AnsibleError
         from ansible.parsing.dataloader import DataLoader
 
-        secret = get_file_vault_secret(filename=path, loader=DataLoader())
-        secret.load()
+        try:
+            secret = get_file_vault_secret(filename=path, loader=DataLoader())
+            secret.load()
+        except AnsibleError as exc:
+            raise InventoryError(
+                f"vault password file {path}: {_first_line(exc)}",
+                hint="put the vault password on the file's first line (or pass another --vault-password-file)",
+            ) from exc
         secrets.append(("default", secret))
     if VaultSecretsContext.current(optional=True) is None:
         VaultSecretsContext.initialize(VaultSecretsContext(secrets))
     else:
         VaultSecretsContext.current().secrets[:] = secrets
     return secrets
+
+
+MAX_RANGE_HOSTS = 100_000
+_RANGE = re.compile(r"\[(?P<beg>\d*):(?P<end>\d+)(?::(?P<step>\d+))?\]")
+
+
+@contextlib.contextmanager
+def _checked_host_ranges() -> Iterator[list[str]]:
+    """Ansible's host ranges, refused when they name no host (``cn[16:01]``) or too many.
+
+    Yields the refusals, so that the error names the range rather than the last parser tried.
+    """
+    from ansible.errors import AnsibleError
+    from ansible.plugins import inventory as plugins
+
+    expand = plugins.expand_hostname_range
+    refused: list[str] = []
+
+    def refuse(message: str) -> AnsibleError:
+        refused.append(message)
+        return AnsibleError(message)
+
+    def checked(line: str | None = None) -> list[str]:
+        match = _RANGE.search(line or "")
+        if match:
+            beg, end, step = int(match["beg"] or 0), int(match["end"]), int(match["step"] or 1)
+            if step < 1 or beg > end:
+                raise refuse(f"host range {line!r} names no host (begin must be <= end, step >= 1)")
+            if (end - beg) // step >= MAX_RANGE_HOSTS:
+                raise refuse(f"host range {line!r} names more than {MAX_RANGE_HOSTS} hosts")
+        hosts: list[str] = expand(line)
+        if line and not hosts:
+            raise refuse(f"host range {line!r} names no host (begin must be <= end)")
+        return hosts
+
+    plugins.expand_hostname_range = checked
+    try:
+        yield refused
+    finally:
+        plugins.expand_hostname_range = expand
 
 
 def _read_ansible(path: Path, vault_password_file: str | None) -> tuple[Any, Any, Any]:
@@ -285,13 +351,17 @@ def _read_ansible(path: Path, vault_password_file: str | None) -> tuple[Any, Any
     recorder = _Recorder()
     saved_display = inventory_manager.display
     inventory_manager.display = recorder
+    refused: list[str] = []
     try:
-        inventory = InventoryManager(loader=loader, sources=[str(path)])
+        with _checked_host_ranges() as refused:
+            inventory = InventoryManager(loader=loader, sources=[str(path)])
     except AnsibleError as exc:
         cause = recorder.failures[-1] if recorder.failures else exc
         raise InventoryError(
-            f"{path}: cannot parse: {_first_line(cause)}",
-            hint="fix the YAML (an Ansible inventory); `ansible-inventory -i PATH --list` shows the same error",
+            f"{path}: cannot parse: {refused[0] if refused else _first_line(cause)}",
+            hint="write host ranges as [begin:end] with begin <= end, e.g. cn[01:16]"
+            if refused
+            else "fix the YAML (an Ansible inventory); `ansible-inventory -i PATH --list` shows the same error",
         ) from exc
     finally:
         inventory_manager.display = saved_display
@@ -355,6 +425,7 @@ def load(path: str | os.PathLike[str], *, vault_password_file: str | None = None
         racks[rack_name].append(node)
 
     problems.extend(_site_problems(list(n for ns in racks.values() for n in ns), network, rack_of))
+    problems.extend(_backend_problems(settings))
     return Site(
         path=site_path,
         racks=tuple(Rack(r, tuple(ns)) for r, ns in racks.items()),
@@ -411,40 +482,34 @@ def _make_node(
         problems.append(Problem(name, "hostname", name_problem, HOST_RULE))
 
     mac_raw = get("provision_mac")
-    mac = str(mac_raw or "")
-    if not mac_raw:
+    mac = ""
+    if mac_raw is None or mac_raw == "":
         problems.append(Problem(name, "provision_mac", "missing", "set the provisioning NIC's MAC address"))
     else:
         try:
-            mac = str(netaddr.EUI(str(mac_raw), dialect=netaddr.mac_unix_expanded))
-        except (netaddr.AddrFormatError, TypeError):
-            problems.append(
-                Problem(
-                    name,
-                    "provision_mac",
-                    f"{mac_raw!r} is not a MAC address",
-                    "write six hex pairs, e.g. 52:54:00:12:34:56",
-                )
-            )
+            mac = parse_mac(mac_raw)
+        except ValueError as exc:
+            problems.append(Problem(name, "provision_mac", str(exc), MAC_FIX))
 
     ip_raw = get("provision_ip")
-    ip = str(ip_raw or "")
-    if not ip_raw:
+    ip = ""
+    if ip_raw is None or ip_raw == "":
         problems.append(Problem(name, "provision_ip", "missing", "set the node's address on the provisioning network"))
     else:
         try:
-            ip = str(netaddr.IPAddress(str(ip_raw)))
-        except (netaddr.AddrFormatError, ValueError, TypeError):
-            problems.append(
-                Problem(name, "provision_ip", f"{ip_raw!r} is not an IP address", "write an address such as 10.10.1.11")
-            )
+            ip = parse_ip(ip_raw)
+        except ValueError as exc:
+            problems.append(Problem(name, "provision_ip", str(exc), "write an address such as 10.10.1.11"))
 
     network = get("provision_network")
     if ip and network and not problems_for(problems, "provision_ip"):
         problems.extend(_subnet_problems(name, ip, network))
 
-    image = get("provision_image", default_image)
-    image = str(image) if image else None
+    image_raw = get("provision_image", default_image)
+    image = image_raw if isinstance(image_raw, str) and image_raw else None
+    if image_raw and not is_exact_image_name(image_raw):
+        image = None
+        problems.append(Problem(name, "provision_image", f"{image_raw!r} is not an image name", IMAGE_RULE))
     if image and image not in images:
         known = ", ".join(sorted(images)) or "none"
         problems.append(
@@ -461,6 +526,11 @@ def _make_node(
 
     groups = tuple(sorted(g for g in hv.get("group_names", ()) if not g.startswith(RACK_PREFIX)))
     console_log = get("provision_console_log")
+    if console_log is not None and (not isinstance(console_log, str) or "\0" in console_log):
+        problems.append(
+            Problem(name, "provision_console_log", f"{console_log!r} is not a path", "write the log file's path")
+        )
+        console_log = None
     node = Node(
         name=name,
         rack=rack,
@@ -472,6 +542,91 @@ def _make_node(
         console_log=str(console_log) if console_log else None,
     )
     return node, problems
+
+
+MAC_FIX = 'write the NIC\'s six hex pairs in quotes, e.g. provision_mac: "52:54:00:12:34:56"'
+_MAC_FORMS = re.compile(
+    r"^(?:[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(?:\1[0-9A-Fa-f]{2}){4}|[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4})$"
+)
+
+
+def parse_mac(value: object) -> str:
+    """A NIC's unicast MAC in lower-case colon form; ValueError saying why not."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        # YAML 1.1 reads an unquoted 52:54:00:12:34:56 as a base-60 integer.
+        raise ValueError(f"{value!r} is a number, not a MAC address (YAML reads an unquoted MAC as a number)")
+    if not isinstance(value, str) or not _MAC_FORMS.match(value.strip()):
+        raise ValueError(f"{value!r} is not a MAC address")
+    eui = netaddr.EUI(value.strip(), dialect=netaddr.mac_unix_expanded)
+    mac = str(eui).lower()
+    if int(eui) == 0:
+        raise ValueError(f"{mac} is the all-zero MAC, not a NIC's address")
+    if eui.words[0] & 1:
+        kind = "broadcast" if int(eui) == 0xFFFFFFFFFFFF else "multicast"
+        raise ValueError(f"{mac} is a {kind} MAC, not a NIC's address")
+    return mac
+
+
+def parse_ip(value: object) -> str:
+    """A unicast IP address in its canonical form; ValueError saying why not."""
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not an IP address")
+    try:
+        address = netaddr.IPAddress(value.strip())
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        raise ValueError(f"{value!r} is not an IP address") from None
+    if address.is_multicast() or address.is_loopback() or int(address) == 0 or str(address) == "255.255.255.255":
+        raise ValueError(f"{address} is not a node's unicast address")
+    return str(address)
+
+
+_BMC_HOST = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+_BMC_USER = re.compile(r"^[^\s;'\"`$\\]{1,64}$")
+
+
+def _bmc_port(value: object) -> int | None:
+    """A BMC port: an integer (or digits) 1-65535, never a boolean or a fraction."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, int) and 0 < value < 65536:
+        return value
+    return None
+
+
+def _bmc_value_problems(name: str, address: object, user: object) -> list[Problem]:
+    """The BMC address and user as one string each: no lists, spaces, newlines or shell syntax."""
+    problems: list[Problem] = []
+    if address and not (isinstance(address, str) and (_is_ip(address) or _BMC_HOST.match(address))):
+        problems.append(
+            Problem(
+                name,
+                "provision_bmc_address",
+                f"{address!r} is not a host name or IP address",
+                "write one address, e.g. 10.20.1.11 or bmc-cn01",
+            )
+        )
+    if user and not (isinstance(user, str | int) and not isinstance(user, bool) and _BMC_USER.match(str(user))):
+        problems.append(
+            Problem(
+                name,
+                "provision_bmc_user",
+                f"{user!r} is not a user name",
+                "write one name without spaces, quotes or ';' (1-64 characters)",
+            )
+        )
+    return problems
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        netaddr.IPAddress(text)
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        return False
+    return True
 
 
 def _make_bmc(name: str, hv: dict[str, Any], get: Callable[..., Any], templar: Any) -> tuple[Bmc | None, list[Problem]]:
@@ -492,15 +647,16 @@ def _make_bmc(name: str, hv: dict[str, Any], get: Callable[..., Any], templar: A
     if not user:
         problems.append(Problem(name, "provision_bmc_user", "missing", "set the BMC user name"))
     port_raw = get("provision_bmc_port", protocol.default_port)
-    try:
-        port = int(port_raw)
-        if not 0 < port < 65536:
-            raise ValueError
-    except (TypeError, ValueError):
+    port = _bmc_port(port_raw)
+    if port is None:
         port = protocol.default_port
         problems.append(
             Problem(name, "provision_bmc_port", f"{port_raw!r} is not a port", "use 1-65535 (IPMI: 623, Redfish: 443)")
         )
+    value_problems = _bmc_value_problems(name, address, user)
+    problems.extend(value_problems)
+    if value_problems:
+        address = user = None
     auth = RedfishAuth.SESSION
     tls = BmcTls()
     system_id = None
@@ -603,8 +759,26 @@ def _password(name: str, hv: dict[str, Any], templar: Any) -> tuple[Secret, Prob
                 "encrypt it (ansible-vault encrypt_string) or use the environment variable named by provision_bmc_password_env",
             )
 
+        if vaulted and not _vault_available():
+            return Secret("vault", lambda: ""), Problem(
+                name,
+                "provision_bmc_password",
+                "vaulted, but no vault password was given",
+                "pass --vault-password-file or set ANSIBLE_VAULT_PASSWORD_FILE",
+            )
+
         def from_vault() -> str:
-            return str(templar.template(value))
+            from ansible.errors import AnsibleError
+
+            from provision.errors import BmcError
+
+            try:
+                return str(templar.template(value))
+            except AnsibleError as exc:
+                raise BmcError(
+                    f"{name}: provision_bmc_password: cannot decrypt ({_first_line(exc)})",
+                    hint="check the vault password file (--vault-password-file)",
+                ) from exc
 
         return Secret("vault", from_vault), None
 
@@ -622,6 +796,13 @@ def _password(name: str, hv: dict[str, Any], templar: Any) -> tuple[Secret, Prob
         return secret
 
     return Secret(f"env:{env_name}", from_env), None
+
+
+def _vault_available() -> bool:
+    from ansible.parsing.vault import VaultSecretsContext
+
+    context = VaultSecretsContext.current(optional=True)
+    return bool(context is not None and context.secrets)
 
 
 def _is_vault_file(path: str) -> bool:
@@ -678,7 +859,40 @@ def _site_problems(nodes: list[Node], network: Any, rack_of: dict[str, list[str]
         problems.append(
             Problem("site", "provision_network", "missing", "set the provisioning subnet (CIDR) in group_vars/all")
         )
+    if not nodes:
+        problems.append(
+            Problem(
+                "site",
+                "racks",
+                "no node: no group named rack_<name> lists a host",
+                "list the nodes under all.children.rack_<name>.hosts in hosts.yml",
+            )
+        )
     return problems
+
+
+def _backend_problems(settings: SiteSettings) -> list[Problem]:
+    """The site's boot settings as its chosen backend reads them (the same parser `boot serve` runs)."""
+    from provision.boot.base import BackendName
+    from provision.boot.builtin.config import BuiltinConfig
+    from provision.errors import ProvisionError
+    from provision.grendel import GrendelSettings
+
+    # Each backend's settings parser, without connecting: `grendel export` works with no API configured.
+    parsers: dict[BackendName, Callable[[Any], object]] = {
+        BackendName.BUILTIN: BuiltinConfig.from_vars,
+        BackendName.GRENDEL: GrendelSettings.from_config,
+    }
+    if not settings.network:
+        return []  # reported once, above
+    try:
+        parsers[BackendName(settings.boot_backend)](settings.backend_vars())
+    except ProvisionError as exc:
+        field_name, _, message = exc.message.partition(": ")
+        if not message or " " in field_name:
+            field_name, message = f"provision_boot_backend ({settings.boot_backend})", exc.message
+        return [Problem("site", field_name, message, exc.hint or "fix it in group_vars/all")]
+    return []
 
 
 def problems_for(problems: list[Problem], field_name: str) -> bool:

@@ -7,6 +7,7 @@ The lines below were written by dnsmasq 2.90 (log-dhcp) and nginx 1.22 (the
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -171,3 +172,84 @@ def test_proxy_dhcp_lines_and_addresses_from_another_server() -> None:
         (Phase.NODE_SCRIPT, "node02"),
         (Phase.KERNEL, "node02"),
     ]
+
+
+# --- Property-based: no log line, however broken, raises or yields an event without a time ---------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_MONTH = st.sampled_from(["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec", "Foo"])
+_STAMP = st.builds(
+    "{} {:>2} {:02d}:{:02d}:{:02d}".format,
+    _MONTH,
+    st.integers(0, 39),
+    st.integers(0, 99),
+    st.integers(0, 99),
+    st.integers(0, 99),
+)
+_DNSMASQ_TEXT = st.one_of(
+    st.text(max_size=80),
+    st.sampled_from(DNSMASQ_LOG.splitlines()).map(lambda line: line.split(": ", 1)[1]),
+)
+_DNSMASQ_LINES = st.builds(
+    "{} dnsmasq-{}[1]: {}".format, _STAMP, st.sampled_from(["dhcp", "tftp"]), _DNSMASQ_TEXT
+) | st.text(max_size=120)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(_DNSMASQ_LINES, max_size=30), st.datetimes(min_value=datetime(1971, 1, 1), timezones=st.just(UTC)))
+def test_dnsmasq_parser_never_raises(lines: list[str], written: datetime) -> None:
+    for event in parse_dnsmasq(lines, now=written):
+        assert event.time.tzinfo is not None
+        assert abs(event.time.year - written.astimezone().year) <= len(lines) + 1
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1970, 2200), st.lists(st.sampled_from([1, 2, 3, 6, 11, 12]), min_size=1, max_size=20))
+def test_dnsmasq_years_walk_back_from_the_last_write(year: int, months: list[int]) -> None:
+    written = datetime(year, 12, 31, 12, tzinfo=UTC)
+    lines = [
+        f"{'JanFebMarAprMayJunJulAugSepOctNovDec'[3 * (m - 1) : 3 * m]} 28 10:00:00 dnsmasq-dhcp[1]: 1 DHCPACK(br0) 10.0.0.1 {MAC} n"
+        for m in months
+    ]
+    events = parse_dnsmasq(lines, now=written)
+    assert len(events) == len(lines)
+    times = [e.time for e in events]
+    assert times == sorted(times)  # a chronological log stays chronological
+    assert times[-1].year == year
+
+
+def test_dnsmasq_leap_day_takes_the_year_from_the_file(tmp_path: Path) -> None:
+    log = tmp_path / "dnsmasq.log"
+    log.write_text(
+        "Feb 29 12:00:00 dnsmasq-dhcp[1]: 7 DHCPACK(br0) 10.99.0.12 52:54:00:99:00:12 node02\n"
+        "Jan  3 08:00:00 dnsmasq-dhcp[1]: 8 DHCPACK(br0) 10.99.0.12 52:54:00:99:00:12 node02\n"
+    )
+    written = datetime(2025, 1, 3, 8, 0, 1, tzinfo=UTC).timestamp()
+    os.utime(log, (written, written))
+    events = read_events(log, tmp_path / "none.log")
+    assert [e.time.year for e in events] == [2024, 2025]
+    # Read with no context in a non-leap year, the line is skipped, never raised.
+    assert parse_dnsmasq(log.read_text().splitlines()[:1], now=datetime(2025, 6, 1, tzinfo=UTC)) == []
+
+
+_HTTP_LINES = st.builds(
+    '{} {} "{} {} HTTP/1.1" {} {} {} "{}"'.format,
+    st.one_of(st.from_regex(r"\A\d{1,400}\.\d{1,5}\Z"), st.text(max_size=10)),
+    st.sampled_from(["10.99.0.11", "x", ""]),
+    st.sampled_from(["GET", "HEAD", "get"]),
+    st.sampled_from(["/boot.ipxe", "/boot/52-54-00-99-00-11.ipxe", "/images/a/v1/vmlinuz", "/x", ""]),
+    st.sampled_from(["200", "206", "404", "2000"]),
+    st.integers(0, 10**20),
+    st.sampled_from(["0.000", "1e9", "x"]),
+    st.text(max_size=20).filter(lambda t: '"' not in t and "\n" not in t),
+) | st.text(max_size=200)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(_HTTP_LINES, max_size=20))
+def test_http_parser_never_raises(lines: list[str]) -> None:
+    for event in parse_http(lines):
+        assert event.time.tzinfo is not None
+    merge(parse_http(lines), [], [HOST])  # joining never raises either

@@ -122,3 +122,77 @@ def test_staging_removed_on_exception(tmp_path: Path) -> None:
         (staging.rootfs / "etc").mkdir(parents=True)
         raise RuntimeError("boom")
     assert not list(tmp_path.glob(".build-*"))
+
+
+# --- Property-based: names, versions and image definitions ------------------------------------------
+
+import contextlib  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from provision.errors import ImageError as _ImageError  # noqa: E402
+from provision.image import definition as _definition  # noqa: E402
+from provision.names import is_exact_image_name, is_version  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=20), st.text(max_size=20))
+def test_store_paths_never_leave_the_store(tmp_path_factory: pytest.TempPathFactory, name: str, version: str) -> None:
+    root = tmp_path_factory.mktemp("store")
+    store = ImageStore(root / "store")
+    for action in (
+        lambda: store.get(name, version),
+        lambda: store.current(name),
+        lambda: store.versions(name),
+        lambda: store.remove(name, version),
+        lambda: store.rollback(name, version),
+    ):
+        with contextlib.suppress(_ImageError):
+            action()
+    assert list(root.iterdir()) == []  # nothing created, inside or outside
+    if is_exact_image_name(name):
+        assert "/" not in name and name not in (".", "..")
+    if is_version(version):
+        assert "/" not in version and version not in (".", "..")
+
+
+_IMAGE_KEYS = st.sampled_from(
+    [
+        "distro",
+        "release",
+        "mirrors",
+        "packages",
+        "roles",
+        "vars",
+        "kernel_cmdline",
+        "squashfs",
+        "initramfs",
+        "keep_versions",
+    ]
+)
+_JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(_IMAGE_KEYS, _JSONISH, max_size=6), st.text(max_size=12))
+def test_definition_parse_refuses_with_image_error_only(data: dict[str, object], name: str) -> None:
+    good = {
+        "distro": "debian",
+        "release": "bookworm",
+        "mirrors": {"debian": "http://deb.debian.org/debian"},
+        "packages": ["systemd"],
+        "roles": ["stateless"],
+    }
+    try:
+        parsed = _definition.parse(name or "x", good | data, path=Path("x.yml"), check_roles=False)
+    except _ImageError as exc:
+        assert exc.hint and "\n" not in exc.message.split(": ", 1)[0]
+        return
+    assert is_exact_image_name(parsed.name)
+    assert all(" " not in arg and "|" not in arg and "&" not in arg for arg in parsed.kernel_cmdline)
+    assert not any(str(k).startswith(("ansible_", "provision_")) for k in parsed.variables)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_provision
+from conftest import EXAMPLE_INVENTORY, run_provision
 
 from provision import inventory
 from provision.errors import InventoryError
@@ -234,3 +234,62 @@ def test_inventory_and_backends_share_one_host_name_rule(name: str) -> None:
         check_host_name(name)
     assert problem in err.value.message and err.value.hint == HOST_RULE
     assert host_name_problem("cn01") is None and check_host_name("CN01") == "cn01"
+
+
+# --- Property-based: the MAC/IP/nodeset normalisers -------------------------------------------------
+
+import contextlib  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from provision.inventory import parse_ip, parse_mac  # noqa: E402
+
+_ANY_VALUE = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=40), st.lists(st.integers(), max_size=3)
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(min_size=6, max_size=6), st.sampled_from([":", "-"]), st.booleans())
+def test_parse_mac_round_trips_unicast_macs(raw: bytes, sep: str, upper: bool) -> None:
+    text = sep.join(f"{b:02x}" for b in raw)
+    text = text.upper() if upper else text
+    try:
+        mac = parse_mac(text)
+    except ValueError as exc:
+        assert raw[0] & 1 or raw == bytes(6), exc  # refused only when multicast/broadcast or all-zero
+        return
+    assert mac == ":".join(f"{b:02x}" for b in raw)
+    assert parse_mac(mac) == mac
+
+
+@settings(max_examples=150, deadline=None)
+@given(_ANY_VALUE)
+def test_parse_mac_and_ip_refuse_with_value_error_only(value: object) -> None:
+    for parser in (parse_mac, parse_ip):
+        with contextlib.suppress(ValueError):
+            parser(value)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.ip_addresses())
+def test_parse_ip_is_canonical(address: object) -> None:
+    try:
+        text = parse_ip(str(address))
+    except ValueError:
+        return
+    assert parse_ip(text) == text
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet="cn[]-,0123456789@:x^!", max_size=20))
+def test_selection_refuses_any_nodeset_with_inventory_error(nodes: str) -> None:
+    from provision import inventory as inv
+
+    site = inv.load(EXAMPLE_INVENTORY)
+    try:
+        chosen = site.select(nodes=nodes)
+    except InventoryError:
+        return
+    assert chosen and all(n.name in {m.name for m in site.nodes} for n in chosen)

@@ -17,10 +17,11 @@ MACs to node names through the hosts.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -96,13 +97,43 @@ _TFTP_SENT = re.compile(r"^sent (?P<path>\S+) to (?P<ip>[0-9.]+)$")
 _DHCP_PHASE = {"DISCOVER": Phase.DHCP_DISCOVER, "OFFER": Phase.DHCP_OFFER, "ACK": Phase.DHCP_ACK, "NAK": Phase.DHCP_NAK}
 
 
-def _dnsmasq_time(stamp: str, now: datetime) -> datetime:
-    """``Nov 22 05:53:55`` (local time, no year) → an aware datetime near ``now``."""
-    naive = datetime.strptime(f"{now.year} {' '.join(stamp.split())}", "%Y %b %d %H:%M:%S")
-    local = naive.astimezone()  # naive means local time, as dnsmasq wrote it
-    if local - now > timedelta(days=1):  # a December line read in January
-        local = naive.replace(year=now.year - 1).astimezone()
-    return local
+_MONTHS = {
+    m: i for i, m in enumerate(("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)
+}
+
+
+def _stamp_month(stamp: str) -> int | None:
+    return _MONTHS.get(stamp[:3])
+
+
+def _line_years(months: Sequence[int | None], written: datetime) -> list[int]:
+    """The year of each line of a log whose stamps have none, the last line written at ``written``.
+
+    dnsmasq's log is chronological and never rotated here: walking back from
+    the end, the year starts at the file's last write (a month later than that
+    means the year before) and drops each time the month goes up.
+    """
+    local = written.astimezone()
+    year, later = local.year, local.month
+    years = [year] * len(months)
+    for index in range(len(months) - 1, -1, -1):
+        month = months[index]
+        if month is None:
+            continue
+        if month > later:
+            year -= 1
+        later = month
+        years[index] = year
+    return years
+
+
+def _dnsmasq_time(stamp: str, year: int) -> datetime | None:
+    """``Nov 22 05:53:55`` (local time) in ``year`` → an aware datetime; None when no such date (29 Feb)."""
+    try:
+        naive = datetime.strptime(f"{year} {' '.join(stamp.split())}", "%Y %b %d %H:%M:%S")
+        return naive.astimezone()  # naive means local time, as dnsmasq wrote it
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def _client(vendor: Mapping[str, str], user: Mapping[str, str], xid: str) -> Client:
@@ -114,56 +145,61 @@ def _client(vendor: Mapping[str, str], user: Mapping[str, str], xid: str) -> Cli
 
 
 def parse_dnsmasq(lines: Iterable[str], *, now: datetime | None = None) -> list[BootEvent]:
-    """DHCP and TFTP events from dnsmasq's log."""
-    now = now or datetime.now(UTC)
+    """DHCP and TFTP events from dnsmasq's log; ``now``: when the log was last written (default: now).
+
+    Lines that do not parse (foreign, truncated, a date that does not exist) are skipped: a log line never
+    stops a boot being followed.
+    """
+    matched = [m for m in (_DNSMASQ_LINE.match(str(raw).rstrip("\n")) for raw in lines) if m]
+    years = _line_years([_stamp_month(m["stamp"]) for m in matched], now or datetime.now(UTC))
     events: list[BootEvent] = []
     vendor: dict[str, str] = {}
     user: dict[str, str] = {}
-    for raw in lines:
-        match = _DNSMASQ_LINE.match(raw.rstrip("\n"))
-        if not match:
+    for match, year in zip(matched, years, strict=True):
+        when = _dnsmasq_time(match["stamp"], year)
+        if when is None:
             continue
-        text = match["text"].strip()
-        if match["kind"] == "tftp":
-            sent = _TFTP_SENT.match(text)
-            if sent:
-                when = _dnsmasq_time(match["stamp"], now)
-                events.append(
-                    BootEvent(when, Phase.TFTP_LOADER, ip=sent["ip"], client=Client.PXE, detail=Path(sent["path"]).name)
-                )
-            continue
-        info = _XID_INFO.match(text)
-        if info:
-            (vendor if info["key"] == "vendor class" else user)[info["xid"]] = info["value"]
-            continue
-        pxe = _PXE_MESSAGE.match(text)
-        if pxe:
-            when = _dnsmasq_time(match["stamp"], now)
-            client = _client(vendor, user, pxe["xid"] or "")
-            detail = (pxe["rest"] or "").strip()
-            events.append(BootEvent(when, Phase.DHCP_PROXY, mac=pxe["mac"], ip=pxe["ip"], client=client, detail=detail))
-            continue
-        message = _DHCP_MESSAGE.match(text)
-        if not message or message["msg"] not in _DHCP_PHASE:
-            continue
-        xid = message["xid"] or ""
-        client = _client(vendor, user, xid)
-        rest = (message["rest"] or "").strip()
-        events.append(
-            BootEvent(
-                _dnsmasq_time(match["stamp"], now),
-                _DHCP_PHASE[message["msg"]],
-                mac=message["mac"],
-                ip=message["ip"],
-                node=rest.split()[0] if message["msg"] == "ACK" and rest else None,
-                client=client,
-                detail=rest if message["msg"] == "NAK" else "",
-            )
-        )
-        if message["msg"] in ("ACK", "NAK"):
-            vendor.pop(xid, None)
-            user.pop(xid, None)
+        event = _dnsmasq_event(match["kind"], match["text"].strip(), when, vendor, user)
+        if event is not None:
+            events.append(event)
     return events
+
+
+def _dnsmasq_event(
+    kind: str, text: str, when: datetime, vendor: dict[str, str], user: dict[str, str]
+) -> BootEvent | None:
+    if kind == "tftp":
+        sent = _TFTP_SENT.match(text)
+        if not sent:
+            return None
+        return BootEvent(when, Phase.TFTP_LOADER, ip=sent["ip"], client=Client.PXE, detail=Path(sent["path"]).name)
+    info = _XID_INFO.match(text)
+    if info:
+        (vendor if info["key"] == "vendor class" else user)[info["xid"]] = info["value"]
+        return None
+    pxe = _PXE_MESSAGE.match(text)
+    if pxe:
+        client = _client(vendor, user, pxe["xid"] or "")
+        detail = (pxe["rest"] or "").strip()
+        return BootEvent(when, Phase.DHCP_PROXY, mac=pxe["mac"], ip=pxe["ip"], client=client, detail=detail)
+    message = _DHCP_MESSAGE.match(text)
+    if not message or message["msg"] not in _DHCP_PHASE:
+        return None
+    xid = message["xid"] or ""
+    client = _client(vendor, user, xid)
+    rest = (message["rest"] or "").strip()
+    if message["msg"] in ("ACK", "NAK"):
+        vendor.pop(xid, None)
+        user.pop(xid, None)
+    return BootEvent(
+        when,
+        _DHCP_PHASE[message["msg"]],
+        mac=message["mac"],
+        ip=message["ip"],
+        node=rest.split()[0] if message["msg"] == "ACK" and rest else None,
+        client=client,
+        detail=rest if message["msg"] == "NAK" else "",
+    )
 
 
 # --------------------------------------------------------------------------
@@ -190,10 +226,13 @@ def parse_http(lines: Iterable[str]) -> list[BootEvent]:
     """Boot-file downloads from nginx's access log (successful GETs only)."""
     events: list[BootEvent] = []
     for raw in lines:
-        match = _HTTP_LINE.match(raw.rstrip("\n"))
+        match = _HTTP_LINE.match(str(raw).rstrip("\n"))
         if not match or match["method"] != "GET" or match["status"] not in ("200", "206"):
             continue
-        when = datetime.fromtimestamp(float(match["msec"]), tz=UTC)
+        try:
+            when = datetime.fromtimestamp(float(match["msec"]), tz=UTC)
+        except (ValueError, OverflowError, OSError):
+            continue  # a stamp no clock gives: not evidence of anything
         path = match["path"].split("?", 1)[0]
         detail = f"{path} {match['status']} {match['bytes']} bytes in {match['rtime']} s"
         client = Client.IPXE if match["agent"].startswith("iPXE") else Client.OS
@@ -261,10 +300,23 @@ def merge(dhcp: Sequence[BootEvent], http: Sequence[BootEvent], hosts: Sequence[
 def read_events(
     dnsmasq_log: Path, http_log: Path, hosts: Sequence[BootHost] = (), *, now: datetime | None = None
 ) -> list[BootEvent]:
-    """The merged timeline from the two log files (missing files are empty)."""
-    dhcp = parse_dnsmasq(dnsmasq_log.read_text(errors="replace").splitlines(), now=now) if dnsmasq_log.exists() else []
-    http = parse_http(http_log.read_text(errors="replace").splitlines()) if http_log.exists() else []
+    """The merged timeline from the two log files (missing or unreadable files are empty).
+
+    dnsmasq's stamps have no year: it is taken from the log's last write (``now`` overrides it).
+    """
+    dhcp_lines, written = _read_log(dnsmasq_log)
+    dhcp = parse_dnsmasq(dhcp_lines, now=now or written)
+    http = parse_http(_read_log(http_log)[0])
     return merge(dhcp, http, hosts)
+
+
+def _read_log(path: Path) -> tuple[list[str], datetime | None]:
+    try:
+        with open(path, "rb") as handle:
+            written = datetime.fromtimestamp(os.fstat(handle.fileno()).st_mtime, tz=UTC)
+            return handle.read().decode(errors="replace").splitlines(), written
+    except (OSError, ValueError, OverflowError):
+        return [], None
 
 
 def by_node(events: Iterable[BootEvent]) -> dict[str, list[BootEvent]]:

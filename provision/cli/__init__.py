@@ -37,12 +37,14 @@ def main() -> None:
         _report(exc, debug)
     except ProvisionError as exc:
         _report(exc, debug)
-    except Exception:
+    except Exception as exc:
         if debug:
             raise
-        logging.getLogger("provision").exception("internal error")
-        click.echo("error: internal error (run with --debug for the traceback)", err=True)
-        sys.exit(2)
+        logging.getLogger("provision").debug("internal error", exc_info=True)
+        detail = " ".join(str(exc).split())[:300]
+        click.echo(f"error: internal error: {type(exc).__name__}: {detail}", err=True)
+        click.echo("hint: rerun with --debug and report it", err=True)
+        sys.exit(1)
 
 
 def _report(exc: ProvisionError, debug: bool) -> None:
@@ -50,7 +52,11 @@ def _report(exc: ProvisionError, debug: bool) -> None:
         import traceback
 
         traceback.print_exc()
-    click.echo(f"error: {exc.message}", err=True)
+    click.echo(f"error: {_one_line(exc.message)}", err=True)
     if exc.hint:
-        click.echo(f"hint: {exc.hint}", err=True)
+        click.echo(f"hint: {_one_line(exc.hint)}", err=True)
     sys.exit(1)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())

@@ -201,14 +201,27 @@ def show_cmd(app: AppContext, name: str, version: str | None, store: Path | None
     console = Console()
     console.print(f"[bold]{name} {item.version}[/]{' (current)' if item.is_current else ''}  {item.path}")
     console.print(f"  distro   {manifest.get('distro')} {manifest.get('release')}")
-    console.print(f"  kernel   {manifest['kernel']['version']}  cmdline: {manifest['kernel']['cmdline']}")
-    roles = ", ".join(f"{r['name']}@{(r.get('revision') or 'unknown')[:10]}" for r in manifest.get("roles", []))
-    console.print(f"  roles    {roles}")
-    console.print(f"  packages {len(manifest.get('packages', []))}")
+    kernel = manifest.get("kernel", {})
+    console.print(f"  kernel   {kernel.get('version', '?')}  cmdline: {kernel.get('cmdline', '')}", markup=False)
+    roles = ", ".join(
+        f"{r.get('name', '?')}@{str(r.get('revision') or 'unknown')[:10]}"
+        for r in _list_of_dicts(manifest.get("roles"))
+    )
+    console.print(f"  roles    {roles}", markup=False)
+    packages = manifest.get("packages")
+    console.print(f"  packages {len(packages) if isinstance(packages, list) else '?'}")
     for filename, entry in manifest.get("artefacts", {}).items():
-        console.print(f"  {filename:<16} {entry['size'] / 2**20:8.1f} MiB  sha256:{entry['sha256'][:16]}…")
-    stages = ", ".join(f"{k} {v:.0f}s" for k, v in manifest.get("stages", {}).items())
-    console.print(f"  stages   {stages}")
+        size, digest = (entry.get("size"), entry.get("sha256")) if isinstance(entry, dict) else (None, None)
+        mib = f"{size / 2**20:8.1f}" if isinstance(size, int | float) else "       ?"
+        console.print(f"  {filename:<16} {mib} MiB  sha256:{str(digest)[:16]}…", markup=False)
+    stages = ", ".join(
+        f"{k} {v:.0f}s" if isinstance(v, int | float) else f"{k} ?" for k, v in manifest.get("stages", {}).items()
+    )
+    console.print(f"  stages   {stages}", markup=False)
+
+
+def _list_of_dicts(value: Any) -> list[dict[str, Any]]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
 @image.command("rollback")
@@ -244,7 +257,8 @@ def validate_cmd(app: AppContext, names: tuple[str, ...]) -> None:
     """Check image definitions (default: all known)."""
     from provision.catalog import known_images
 
-    for name in names or sorted(known_images()):
+    site = _site(app)
+    for name in names or sorted(known_images(site.settings.images_dir if site is not None else None)):
         loaded = _definition(app, name)
         err.print(f"{loaded.name}: ok ({loaded.distro.value} {loaded.release}, roles: {', '.join(loaded.roles)})")
 

@@ -63,22 +63,29 @@ assume_yes = click.option("--yes", "-y", is_flag=True, help="Do not ask for conf
 # --------------------------------------------------------------------------
 # BMC fan-out
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION = re.compile(r"^\s*(\d{1,9}(?:\.\d{1,9})?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+MAX_DURATION = 7 * 24 * 3600.0  # a week: anything longer is a typo
 
 
 class Duration(click.ParamType[float, Any]):
-    """Seconds, or a number with a unit: 500ms, 30s, 2m, 1h."""
+    """Seconds, or a number with a unit: 500ms, 30s, 2m, 1h; finite, at most a week."""
 
     name = "duration"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        if isinstance(value, int | float):
-            return float(value)
-        match = _DURATION.match(str(value))
-        if not match:
+        if isinstance(value, bool):
             self.fail(f"{value!r} is not a duration (write e.g. 30s, 500ms, 2m)", param, ctx)
-        return float(match.group(1)) * _UNITS[match.group(2)]
+        if isinstance(value, int | float):
+            seconds = float(value)
+        else:
+            match = _DURATION.match(str(value))
+            if not match:
+                self.fail(f"{value!r} is not a duration (write e.g. 30s, 500ms, 2m)", param, ctx)
+            seconds = float(match.group(1)) * _UNITS[match.group(2)]
+        if not 0 <= seconds <= MAX_DURATION:  # NaN fails too
+            self.fail(f"{value!r} is out of range (0 to 168h)", param, ctx)
+        return seconds
 
 
 def fanout_options(func: F) -> F:

@@ -20,9 +20,9 @@ import yaml
 
 from provision.catalog import ROLES_DIR, image_dirs
 from provision.errors import ImageError
+from provision.names import IMAGE_RULE, is_exact_image_name
 from provision.settings import SiteSettings
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _PACKAGE = re.compile(r"^[A-Za-z0-9@][A-Za-z0-9.+_:~=*-]*$")
 _ROLE = re.compile(r"^[a-z][a-z0-9_]*$")
 _VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -176,7 +176,8 @@ _DEFAULT_RELEASE_OK = {Distro.DEBIAN: re.compile(r"^[a-z]+$"), Distro.ROCKY: re.
 
 
 def _fail(image: str, key: str, message: str, fix: str) -> ImageError:
-    return ImageError(f"image {image}: {key}: {message}", hint=fix)
+    label = image if is_exact_image_name(image) else repr(image)  # a bad name is quoted, never printed raw
+    return ImageError(f"image {label}: {key}: {message}", hint=fix)
 
 
 def _str(image: str, key: str, value: Any, *, pattern: re.Pattern[str] | None = None, fix: str = "") -> str:
@@ -235,6 +236,22 @@ def _int(image: str, key: str, value: Any, low: int, high: int) -> int:
     return value
 
 
+# One kernel argument: ``word`` or ``key=value`` (the value may hold '=' and ','), nothing the
+# iPXE script or a shell would read as syntax (spaces, quotes, `||`, `;`, `$`, `#`).
+_CMDLINE_WORD = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/@%+-]{0,127}(=[A-Za-z0-9_.,:/@%+=-]{0,255})?$")
+# mksquashfs -b: a power of two from 4 KiB to 1 MiB.
+_BLOCK_SIZE = re.compile(r"^(\d{1,7})([KM]?)$")
+
+
+def _block_size(image: str, value: Any) -> str:
+    text = _str(image, "squashfs.block_size", value)
+    match = _BLOCK_SIZE.match(text)
+    size = int(match[1]) * {"": 1, "K": 1 << 10, "M": 1 << 20}[match[2]] if match else 0
+    if not (4096 <= size <= 1 << 20 and size & (size - 1) == 0):
+        raise _fail(image, "squashfs.block_size", f"{text!r} is not valid", "use a power of two from 4K to 1M, e.g. 1M")
+    return text
+
+
 def _reject_unknown(image: str, where: str, data: Mapping[str, Any], allowed: Sequence[str]) -> None:
     for key in data:
         if key not in allowed:
@@ -246,6 +263,8 @@ def parse(
     name: str, data: Any, *, path: Path, roles_dirs: Sequence[Path] = (ROLES_DIR,), check_roles: bool = True
 ) -> ImageDefinition:
     """Validate the YAML of one definition; raise ImageError naming the field."""
+    if not is_exact_image_name(name):
+        raise _fail(name, "name", f"{name!r} is not a valid image name", IMAGE_RULE)
     if not isinstance(data, dict):
         raise _fail(name, "(file)", f"{path} is not a YAML mapping", "write `distro:`, `release:`, `roles:` … keys")
     _reject_unknown(name, "", data, list(_KEYS))
@@ -295,7 +314,13 @@ def parse(
             )
     secret_vars = frozenset(_list(name, "secret_vars", data.get("secret_vars"), pattern=_VAR))
 
-    cmdline = _list(name, "kernel_cmdline", data.get("kernel_cmdline"), pattern=re.compile(r"^\S+$"))
+    cmdline = _list(
+        name,
+        "kernel_cmdline",
+        data.get("kernel_cmdline"),
+        pattern=_CMDLINE_WORD,
+        fix="write `key=value` or `word` arguments of letters, digits and . , : / _ + @ % - (no spaces, quotes or shell/iPXE syntax)",
+    )
     for arg in cmdline:
         if arg.startswith("root="):
             raise _fail(name, "kernel_cmdline", "root= is set by the boot backend", "remove root= from kernel_cmdline")
@@ -323,7 +348,7 @@ def parse(
         if top is None:
             raise _fail(name, "squashfs.level", f"{compression.value} takes no level", "remove squashfs.level")
         level = _int(name, "squashfs.level", level_raw, 1, top)
-    block = _str(name, "squashfs.block_size", sq.get("block_size", "1M"), pattern=re.compile(r"^\d+[KM]?$"))
+    block = _block_size(name, sq.get("block_size", "1M"))
 
     return ImageDefinition(
         name=name,
@@ -346,8 +371,8 @@ def parse(
 
 def find(name: str, site_images_dir: Path | None = None) -> Path:
     """The file that defines image NAME (the site's images/ first)."""
-    if not _NAME.match(name):
-        raise ImageError(f"image name {name!r} is not valid", hint="image names are lower-case: compute-rocky9")
+    if not is_exact_image_name(name):
+        raise ImageError(f"image name {name!r} is not valid", hint=IMAGE_RULE)
     for directory in image_dirs(site_images_dir):
         candidate = directory / f"{name}.yml"
         if candidate.is_file():
@@ -387,9 +412,11 @@ def load(
         path = find(str(name_or_path), site_images_dir)
     name = path.stem
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ImageError(f"image {name}: cannot read {path}: {exc.strerror}", hint="check the path") from exc
+    except ValueError as exc:  # UnicodeDecodeError: not a text file
+        raise ImageError(f"image {name}: {path} is not UTF-8 text", hint="an image definition is a YAML file") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -32,6 +32,7 @@ from typing import IO, Any
 
 from provision.errors import ImageError
 from provision.image.chroot import remove_tree
+from provision.names import IMAGE_RULE, VERSION_RULE, is_exact_image_name, is_version
 
 ARTEFACTS = {"kernel": "vmlinuz", "initrd": "initrd.img", "squashfs": "rootfs.squashfs"}
 MANIFEST = "manifest.json"
@@ -75,15 +76,19 @@ class ImageVersion:
 
     def read_manifest(self) -> dict[str, Any]:
         try:
-            data: dict[str, Any] = json.loads(self.manifest.read_text())
+            data = json.loads(self.manifest.read_text())
         except (OSError, ValueError) as exc:
             raise ImageError(f"{self.name} {self.version}: unreadable manifest", hint="rebuild the image") from exc
+        if not isinstance(data, dict) or not all(
+            isinstance(data.get(key, {}), dict) for key in ("kernel", "artefacts", "sizes", "stages")
+        ):
+            raise ImageError(f"{self.name} {self.version}: manifest is not a manifest object", hint="rebuild the image")
         return data
 
     def cmdline(self, squashfs_url: str) -> str:
         """The full kernel command line to boot this version, root from squashfs_url."""
         extra = self.read_manifest().get("kernel", {}).get("cmdline", "")
-        return f"root=live:{squashfs_url} {extra}".strip()
+        return f"root=live:{squashfs_url} {extra if isinstance(extra, str) else ''}".strip()
 
     def verify(self) -> None:
         """Raise ImageError unless every artefact matches the manifest's sha256."""
@@ -139,9 +144,39 @@ class Staging:
         return self.path / "out"
 
 
+def check_name(name: str) -> str:
+    """An image name that may become a directory of the store (``provision.names``)."""
+    if not is_exact_image_name(name):
+        raise ImageError(f"image name {name!r} is not valid", hint=IMAGE_RULE)
+    return name
+
+
+def check_version(name: str, version: str) -> str:
+    if not is_version(version):
+        raise ImageError(f"{name}: version {version!r} is not valid", hint=VERSION_RULE)
+    return version
+
+
 class ImageStore:
+    """Every path under ``root`` is built by ``_base``/``_version_dir``: names checked, kept inside."""
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+
+    def _inside(self, path: Path, what: str) -> Path:
+        root = self.root.resolve()
+        resolved = path.resolve()
+        if resolved == root or not resolved.is_relative_to(root):
+            raise ImageError(f"{what}: {path} is outside the image store {root}", hint=IMAGE_RULE)
+        return path
+
+    def _base(self, name: str) -> Path:
+        """The image's directory: the name checked, the path (symlinks resolved) inside the store."""
+        return self._inside(self.root / check_name(name), f"image {name!r}")
+
+    def _version_dir(self, name: str, version: str) -> Path:
+        base = self._base(name)
+        return self._inside(base / check_version(name, version), f"{name} {version!r}")
 
     # --- reading -----------------------------------------------------------
     def names(self) -> list[str]:
@@ -150,13 +185,14 @@ class ImageStore:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def _current_version(self, name: str) -> str | None:
-        link = self.root / name / CURRENT
+        link = self._base(name) / CURRENT
         if not link.is_symlink():
             return None
-        return os.readlink(link).rstrip("/").split("/")[-1]
+        version = os.readlink(link).rstrip("/").split("/")[-1]
+        return version if is_version(version) else None
 
     def versions(self, name: str) -> list[ImageVersion]:
-        base = self.root / name
+        base = self._base(name)
         if not base.is_dir():
             return []
         current = self._current_version(name)
@@ -167,6 +203,7 @@ class ImageStore:
         ]
 
     def get(self, name: str, version: str) -> ImageVersion:
+        self._version_dir(name, version)
         for item in self.versions(name):
             if item.version == version:
                 return item
@@ -175,17 +212,22 @@ class ImageStore:
 
     def current(self, name: str) -> ImageVersion:
         version = self._current_version(name)
-        if version is None or not (self.root / name / version).is_dir():
+        if version is None or not self._version_dir(name, version).is_dir():
             raise ImageError(
                 f"{name}: no published image in {self.root}", hint=f"run `provision image build {name}` first"
             )
-        return ImageVersion(name, version, self.root / name / version, is_current=True)
+        return ImageVersion(name, version, self._version_dir(name, version), is_current=True)
 
     # --- locking and staging -----------------------------------------------
     @contextmanager
-    def _name_lock(self, name: str) -> Iterator[None]:
-        base = self.root / name
-        base.mkdir(parents=True, exist_ok=True)
+    def _name_lock(self, name: str, *, create: bool = False) -> Iterator[None]:
+        """The image's lock; only a publish creates the image's directory, after checking the name."""
+        base = self._base(name)
+        if create:
+            base.mkdir(parents=True, exist_ok=True)
+            self._base(name)  # a symlink planted meanwhile still may not lead out
+        elif not base.is_dir():
+            raise ImageError(f"{name}: no such image in {self.root}", hint="`provision image list` shows the images")
         with open(base / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -220,6 +262,7 @@ class ImageStore:
     @contextmanager
     def staging(self, name: str) -> Iterator[Staging]:
         """A locked staging directory, removed on exit whatever happens."""
+        check_name(name)
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / f"{STAGING_PREFIX}{name}-{secrets.token_hex(4)}"
         path.mkdir()
@@ -247,15 +290,16 @@ class ImageStore:
 
     def publish(self, staging: Staging, version: str, *, keep: int = 3) -> ImageVersion:
         """Verify staging.out against its manifest, move it into place, swap current."""
-        name = staging.name
+        name = check_name(staging.name)
+        check_version(name, version)
         manifest = json.loads((staging.out / MANIFEST).read_text())
         verify_dir(staging.out, manifest)
         for item in staging.out.iterdir():
             with open(item, "rb") as handle:
                 os.fsync(handle.fileno())
-        with self._name_lock(name):
-            base = self.root / name
-            final = base / version
+        with self._name_lock(name, create=True):
+            base = self._base(name)
+            final = self._version_dir(name, version)
             if final.exists():
                 raise ImageError(f"{name}: version {version} already exists", hint="build again (new version)")
             staging.out.chmod(0o755)
@@ -266,7 +310,8 @@ class ImageStore:
         return ImageVersion(name, version, final, is_current=True)
 
     def _point_current(self, name: str, version: str) -> None:
-        base = self.root / name
+        check_version(name, version)
+        base = self._base(name)
         tmp = base / f".{CURRENT}-{secrets.token_hex(4)}"
         tmp.symlink_to(version)
         os.replace(tmp, base / CURRENT)
@@ -292,6 +337,8 @@ class ImageStore:
 
     def rollback(self, name: str, to: str | None = None) -> ImageVersion:
         """Point current at the version before it (or at ``to``)."""
+        if to is not None:
+            self._version_dir(name, to)
         with self._name_lock(name):
             current = self.current(name)
             versions = self.versions(name)
@@ -310,6 +357,7 @@ class ImageStore:
             return ImageVersion(name, target.version, target.path, is_current=True)
 
     def remove(self, name: str, version: str) -> None:
+        self._version_dir(name, version)
         with self._name_lock(name):
             target = self.get(name, version)
             if target.is_current:

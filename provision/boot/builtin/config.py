@@ -28,9 +28,14 @@ class UefiLoader(StrEnum):
     SNPONLY = "snponly.efi"  # iPXE on the firmware's network stack (SNP)
 
 
+_NETNS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
 def _address(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise BootError(f"{key}: {value!r} is not an IP address", hint="write an address such as 10.10.0.2")
     try:
-        return str(netaddr.IPAddress(str(value).strip()))
+        return str(netaddr.IPAddress(value.strip()))
     except (netaddr.AddrFormatError, ValueError, TypeError) as exc:
         raise BootError(f"{key}: {value!r} is not an IP address", hint="write an address such as 10.10.0.2") from exc
 
@@ -109,18 +114,17 @@ class BuiltinConfig:
                 f"provision_boot_address: missing, and {server} (the first address of provision_network) is the gateway",
                 hint="set provision_boot_address to this node's address on the provisioning network",
             )
-        if netaddr.IPAddress(server) not in network:
+        if netaddr.IPAddress(server) not in network or (
+            network.size > 2 and netaddr.IPAddress(server) in (network.network, network.broadcast)
+        ):
             raise BootError(
                 f"provision_boot_address: {server} is outside provision_network {network.cidr}",
                 hint="give this node's address on the provisioning network",
             )
         port_raw = config.get("provision_boot_http_port", 80)
-        try:
-            port = int(port_raw)
-            if not 0 < port < 65536:
-                raise ValueError
-        except (TypeError, ValueError):
-            raise BootError(f"provision_boot_http_port: {port_raw!r} is not a port", hint="use 1-65535") from None
+        port = int(port_raw.strip()) if isinstance(port_raw, str) and port_raw.strip().isdigit() else port_raw
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise BootError(f"provision_boot_http_port: {port_raw!r} is not a port", hint="use 1-65535")
         try:
             mode = DhcpMode(str(config.get("provision_boot_dhcp_mode") or "static").lower())
         except ValueError:
@@ -138,16 +142,28 @@ class BuiltinConfig:
         dns_raw = config.get("provision_dns_servers") or ()
         if isinstance(dns_raw, str):
             dns_raw = [d for d in re.split(r"[,\s]+", dns_raw) if d]
-        interface = config.get("provision_boot_interface")
-        if interface is not None and not re.match(r"^[A-Za-z0-9_.-]{1,15}$", str(interface)):
-            raise BootError(f"provision_boot_interface: {interface!r} is not an interface name", hint="e.g. eno1")
-        lease = str(config.get("provision_boot_lease_time") or "12h")
-        if not re.match(r"^(\d+[smhdw]?|infinite)$", lease):
+        if not isinstance(dns_raw, list | tuple):
             raise BootError(
-                f"provision_boot_lease_time: {lease!r} is not a lease time", hint="e.g. 12h, 3600, infinite"
+                f"provision_dns_servers: {dns_raw!r} is not a list of addresses", hint="write e.g. [10.10.0.1]"
+            )
+        interface = config.get("provision_boot_interface")
+        if interface is not None and not (
+            isinstance(interface, str) and re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}", interface)
+        ):
+            raise BootError(f"provision_boot_interface: {interface!r} is not an interface name", hint="e.g. eno1")
+        lease_raw = config.get("provision_boot_lease_time") or "12h"
+        lease = str(lease_raw)
+        if isinstance(lease_raw, bool) or not re.fullmatch(r"(\d{1,9}[smhdw]?|infinite)", lease):
+            raise BootError(
+                f"provision_boot_lease_time: {lease_raw!r} is not a lease time", hint="e.g. 12h, 3600, infinite"
             )
         store = config.get("provision_image_store")
         netns = config.get("provision_boot_netns")
+        if netns and not (isinstance(netns, str) and _NETNS.fullmatch(netns)):
+            raise BootError(
+                f"provision_boot_netns: {netns!r} is not a network namespace name",
+                hint="letters, digits, '_', '.', '-', starting with a letter or digit (no '/', at most 64)",
+            )
         keys = _authorized_keys(config.get("provision_ssh_authorized_keys"))
         default_image = config.get("provision_default_image")
         join = JoinSettings.from_vars(config, Path(str(state)))
@@ -188,10 +204,20 @@ def _authorized_keys(value: Any) -> tuple[str, ...]:
     """``provision_ssh_authorized_keys``: a list of OpenSSH public key lines (never a private key)."""
     if not value:
         return ()
+    if not isinstance(value, str | list | tuple):
+        raise BootError(
+            f"provision_ssh_authorized_keys: expected a list of public key lines, got {type(value).__name__}",
+            hint="write a YAML list of .pub lines",
+        )
     items = [value] if isinstance(value, str) else list(value)
     keys = []
     for index, item in enumerate(items):
-        line = str(item).strip()
+        if not isinstance(item, str):
+            raise BootError(
+                f"provision_ssh_authorized_keys[{index}]: not an OpenSSH public key line",
+                hint="paste the line of a .pub file, e.g. 'ssh-ed25519 AAAA... admin@site'",
+            )
+        line = item.strip()
         if "PRIVATE KEY" in line:
             raise BootError(
                 f"provision_ssh_authorized_keys[{index}]: is a private key",

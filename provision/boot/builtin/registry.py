@@ -11,29 +11,23 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from provision.boot.base import BootHost, BootImage
+from provision.boot.base import BootHost, BootImage, check_image_name
 from provision.boot.builtin.layout import Layout
 from provision.errors import BootError
 from provision.files import write_atomic
+from provision.names import VERSION_RULE, is_version
 
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-
-
-def is_version(text: str) -> bool:
-    return bool(_VERSION.match(text or ""))
+__all__ = ["ImageVersionRecord", "Registry", "check_version", "is_version", "locked", "read_tokens", "save_tokens"]
 
 
 def check_version(name: str, version: str) -> str:
     if not is_version(version):
-        raise BootError(
-            f"image {name}: version {version!r} is not valid", hint="use letters, digits, '.', '_', '+', '-'"
-        )
+        raise BootError(f"image {name}: version {version!r} is not valid", hint=VERSION_RULE)
     return version
 
 
@@ -110,23 +104,27 @@ class Registry:
             return cls()
         try:
             data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise TypeError(f"expected a JSON object, got {type(data).__name__}")
             hosts = {
                 h["name"]: BootHost(**{**h, "macs": tuple(h["macs"]), "ips": tuple(h["ips"]), "tags": tuple(h["tags"])})
                 for h in data.get("hosts", [])
             }
             versions = {
-                name: {
-                    v["version"]: ImageVersionRecord(
+                check_image_name(name): {
+                    check_version(name, v["version"]): ImageVersionRecord(
                         v["version"], v["kernel"], tuple(v["initrds"]), v.get("squashfs"), v.get("cmdline", "")
                     )
                     for v in vs
                 }
                 for name, vs in data.get("images", {}).items()
             }
-            return cls(hosts, versions, dict(data.get("active", {})))
-        except (ValueError, KeyError, TypeError) as exc:
+            active = {check_image_name(k): check_version(k, v) for k, v in dict(data.get("active", {})).items()}
+            return cls(hosts, versions, active)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, BootError) as exc:
+            reason = " ".join(str(exc).split())[:200]
             raise BootError(
-                f"{path}: unreadable boot registry ({exc})",
+                f"{path}: unreadable boot registry ({type(exc).__name__}: {reason})",
                 hint="restore it or remove it and run `provision boot serve`",
             ) from exc
 
@@ -142,7 +140,15 @@ class Registry:
 def read_tokens(path: Path) -> dict[str, str]:
     if not path.exists():
         return {}
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+    except (OSError, ValueError, TypeError) as exc:
+        raise BootError(
+            f"{path}: unreadable boot tokens ({type(exc).__name__})",
+            hint="remove it and run `provision node sync` (new tokens are made)",
+        ) from exc
     return {str(k): str(v) for k, v in data.items()}
 
 
