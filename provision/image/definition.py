@@ -20,6 +20,7 @@ import yaml
 
 from provision.catalog import ROLES_DIR, image_dirs
 from provision.errors import ImageError
+from provision.image.scan import SECRET_VARIABLE
 from provision.names import IMAGE_RULE, is_exact_image_name
 from provision.settings import SiteSettings
 
@@ -29,7 +30,8 @@ _VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RESERVED_VAR_PREFIXES = ("ansible_", "provision_")
 _MIRROR_KEY = re.compile(r"^[a-z][a-z0-9_]*$")
 # Variable names that look secret: never copied into a manifest or a log.
-SECRET_NAME = re.compile(r"(password|passwd|secret|token|private|_key$|^key$|psk|credential)", re.IGNORECASE)
+# Variables never recorded in a manifest or log: the secret scan's name rule (``*_pw``, ``apikey``, ``jwt``...).
+SECRET_NAME = SECRET_VARIABLE
 
 
 class Distro(StrEnum):
