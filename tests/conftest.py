@@ -62,6 +62,13 @@ def example_inventory() -> Path:
 # (or the next run) reuses the bootstrapped tree.
 BASE_IMAGE = "base-debian12"
 
+# Source tarballs the compute image builds (Enroot, Pyxis): the shared vendor
+# directory when this machine has it (GitHub is unreachable here), else the
+# roles' default, GitHub's release tarballs (same pinned checksums).
+VENDOR_DIR = Path("/work/shared/vendor")
+if (VENDOR_DIR / "enroot-4.1.2.tar.gz").exists():
+    os.environ.setdefault("PROVISION_SOURCE_MIRROR", VENDOR_DIR.as_uri())
+
 
 @pytest.fixture(scope="session")
 def image_store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -1,13 +1,17 @@
 """compute-debian12 with every compute role, built for real and inspected.
 
-The build runs once per session (``compute_image`` in conftest.py). What the
-roles could not install here (NVIDIA, Enroot, Apptainer, CVMFS, s5cmd: their
-download sites are unreachable) is configuration only; see the README matrix.
+The build runs once per session (``compute_image`` in conftest.py). The GPU
+stack is installed for real: the NVIDIA driver from Debian's non-free built by
+DKMS for the image's kernel, Enroot and Pyxis from their pinned release
+tarballs. What the roles could not install here (Apptainer, CVMFS, s5cmd:
+their download sites are unreachable) is configuration only; see the README
+matrix.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,8 +27,11 @@ pytestmark = pytest.mark.vm
 
 COMPUTE_ROLES = [
     "stateless", "storage_layout", "node_tools", "nvidia_driver", "munge", "slurm_node",
-    "sssd", "wireguard", "enroot", "apptainer", "cvmfs", "postboot",
+    "sssd", "wireguard", "enroot", "pyxis", "apptainer", "cvmfs", "postboot",
 ]  # fmt: skip
+ENROOT_VERSION = "4.1.2"
+PYXIS_VERSION = "0.24.0"
+SLURM_PLUGIN_DIR = "usr/lib/x86_64-linux-gnu/slurm-wlm"
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +78,76 @@ def test_configless_slurmd_waits_for_its_key(rootfs: Path, host: Any) -> None:
     assert not (rootfs / "etc/slurm/slurm.conf").exists()  # configless: fetched from slurmctld
     passwd = host.file(f"{rootfs}/etc/passwd").content_string
     assert any(line.startswith("slurm:") and ":64030:" in line for line in passwd.splitlines())
+
+
+def image_kernel(rootfs: Path) -> str:
+    kernels = [p.name for p in (rootfs / "lib/modules").iterdir() if p.is_dir()]
+    assert len(kernels) == 1, kernels
+    return kernels[0]
+
+
+def test_nvidia_module_built_for_the_image_kernel(compute_image: ImageVersion, rootfs: Path, host: Any) -> None:
+    kernel = image_kernel(rootfs)
+    assert json.loads(compute_image.manifest.read_text())["kernel"]["version"] == kernel
+    vermagic = host.run(f"chroot {rootfs} modinfo -k {kernel} -F vermagic nvidia")
+    assert vermagic.rc == 0, vermagic.stderr
+    assert vermagic.stdout.split()[0] == kernel  # the image's kernel, never the build host's
+    version = host.run(f"chroot {rootfs} modinfo -k {kernel} -F version nvidia").stdout.strip()
+    dkms_package = host.run(f"chroot {rootfs} dpkg-query -W -f '${{Version}}' nvidia-kernel-dkms").stdout
+    assert version and dkms_package.startswith(version), (version, dkms_package)
+
+
+def test_nvidia_user_space_without_x(rootfs: Path, host: Any) -> None:
+    for tool in ("usr/bin/nvidia-smi", "usr/bin/nvidia-persistenced"):
+        assert (rootfs / tool).is_file(), tool
+    enabled = host.run(f"chroot {rootfs} systemctl is-enabled nvidia-persistenced.service")
+    assert enabled.stdout.strip() == "enabled", enabled.stderr
+    assert not (rootfs / "run/nvidia-persistenced").exists()  # enabled, never started in the build
+    installed = host.run(f"chroot {rootfs} dpkg-query -W -f '${{Package}}\\n'").stdout.split()
+    assert {"nvidia-kernel-dkms", "nvidia-smi", "nvidia-persistenced", "libcuda1"} <= set(installed)
+    assert not [p for p in installed if p.startswith(("xserver-xorg", "nvidia-driver"))]
+
+
+def test_enroot_from_the_pinned_source(rootfs: Path, host: Any) -> None:
+    assert host.run(f"chroot {rootfs} enroot version").stdout.strip() == ENROOT_VERSION
+    installed = host.run(f"chroot {rootfs} dpkg-query -W -f '${{Package}}\\n'").stdout.split()
+    assert not [p for p in installed if p.startswith("enroot")]  # built from the tarball, not a package
+    caps = host.run(f"getcap {rootfs}/usr/bin/enroot-aufs2ovlfs {rootfs}/usr/bin/enroot-mksquashovlfs").stdout
+    assert "cap_sys_admin,cap_mknod=ep" in caps and "enroot-mksquashovlfs cap_sys_admin=ep" in caps, caps
+    # The utilities are static (musl from Debian's musl-tools): no ELF interpreter.
+    assert b"ld-linux" not in (rootfs / "usr/bin/enroot-nsenter").read_bytes()
+    assert not (rootfs / "var/cache/provision").exists()  # build trees removed
+
+
+def test_enroot_paths_on_the_local_disk(rootfs: Path) -> None:
+    conf = dict(
+        line.split(None, 1) for line in (rootfs / "etc/enroot/enroot.conf").read_text().splitlines()
+        if line.startswith("ENROOT_")
+    )  # fmt: skip
+    assert conf["ENROOT_DATA_PATH"].startswith("/mnt/disk/scratch/tmp/")
+    assert conf["ENROOT_CACHE_PATH"].startswith("/opt/cache/disk/tmp/")
+    assert conf["ENROOT_TEMP_PATH"].startswith("/mnt/disk/")
+
+
+def test_pyxis_from_the_pinned_source_loads_in_srun(rootfs: Path, tmp_path: Path) -> None:
+    plugin = rootfs / SLURM_PLUGIN_DIR / "spank_pyxis.so"
+    assert (rootfs / "usr/share/pyxis/VERSION").read_text().split()[0] == PYXIS_VERSION
+    assert PYXIS_VERSION.encode() in plugin.read_bytes()
+    entry = (rootfs / "etc/slurm/plugstack.conf.d/pyxis.conf").read_text()
+    assert f"required /{SLURM_PLUGIN_DIR}/spank_pyxis.so" in entry
+    includes = [line for line in (rootfs / "etc/slurm/plugstack.conf").read_text().splitlines() if "include" in line]
+    assert includes == ["include /etc/slurm/plugstack.conf.d/*.conf"]
+    # The same Slurm release's srun (the host's Debian 12 slurm-client) loads it: --container-image exists.
+    (tmp_path / "plugstack.conf").write_text(f"required {plugin}\n")
+    (tmp_path / "slurm.conf").write_text(
+        f"ClusterName=t\nSlurmctldHost=localhost\nPlugStackConfig={tmp_path / 'plugstack.conf'}\n"
+        "NodeName=n1 CPUs=1\nPartitionName=p Nodes=n1\n"
+    )
+    result = subprocess.run(
+        ["srun", "--help"], env={"SLURM_CONF": str(tmp_path / "slurm.conf"), "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert "--container-image" in result.stdout, result.stdout + result.stderr
 
 
 def test_storage_layout_and_modes(rootfs: Path, host: Any) -> None:
