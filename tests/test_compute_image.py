@@ -89,10 +89,10 @@ def image_kernel(rootfs: Path) -> str:
 def test_nvidia_module_built_for_the_image_kernel(compute_image: ImageVersion, rootfs: Path, host: Any) -> None:
     kernel = image_kernel(rootfs)
     assert json.loads(compute_image.manifest.read_text())["kernel"]["version"] == kernel
-    vermagic = host.run(f"chroot {rootfs} modinfo -k {kernel} -F vermagic nvidia")
+    vermagic = host.run(f"chroot {rootfs} modinfo -k {kernel} -F vermagic nvidia-current")
     assert vermagic.rc == 0, vermagic.stderr
     assert vermagic.stdout.split()[0] == kernel  # the image's kernel, never the build host's
-    version = host.run(f"chroot {rootfs} modinfo -k {kernel} -F version nvidia").stdout.strip()
+    version = host.run(f"chroot {rootfs} modinfo -k {kernel} -F version nvidia-current").stdout.strip()
     dkms_package = host.run(f"chroot {rootfs} dpkg-query -W -f '${{Version}}' nvidia-kernel-dkms").stdout
     assert version and dkms_package.startswith(version), (version, dkms_package)
 

@@ -8,7 +8,8 @@ runs ``srun --container-image=<file> cat /etc/os-release`` from the node. The
 job must print the container's OS, and Enroot must have kept its data under
 /mnt/disk and its cache under /opt/cache (the local-disk half, /opt/cache/disk),
 as enroot.conf says. The NVIDIA module must be there for the running kernel
-(``modinfo nvidia``); loading it needs a GPU, which the lab has not.
+(``modinfo nvidia-current``: Debian's name for it); loading it needs a GPU,
+which the lab has not.
 """
 
 from __future__ import annotations
@@ -81,8 +82,10 @@ def test_srun_container_image_on_a_joined_node(compute_image: ImageVersion, tmp_
         assert lab.ssh(node, "sinfo -h -N -o %T").split() == ["idle"]
 
         # The driver: built for the kernel the node runs (vermagic), not loadable without a GPU.
+        # Debian installs it as nvidia-current.ko; `modprobe nvidia` reaches it through an install rule.
         kernel = lab.ssh(node, "uname -r").strip()
-        assert lab.ssh(node, "modinfo -F vermagic nvidia").split()[0] == kernel
+        assert lab.ssh(node, "modinfo -F vermagic nvidia-current").split()[0] == kernel
+        assert "nvidia-current" in lab.ssh(node, "modprobe -n -v nvidia 2>&1 || true")
         assert lab.ssh(node, "command -v nvidia-smi").strip() == "/usr/bin/nvidia-smi"
         assert lab.ssh(node, "systemctl is-enabled nvidia-persistenced").strip() == "enabled"
 

@@ -31,5 +31,7 @@ ln -sfn "/usr/include/$triple/asm" "$dist/linux/include/asm"
 install -m 755 /usr/bin/makeself "$dist/makeself/bin/enroot-makeself"
 touch deps/musl/.stamp deps/linux-headers/.stamp deps/makeself/.stamp
 
+# No -DALLOW_SPECULATION -DINHERIT_FDS: the hardened flavour (enroot-hardened).
+unset CPPFLAGS
 make -j"$(nproc)" CC=gcc prefix=/usr sysconfdir=/etc install
 make prefix=/usr sysconfdir=/etc setcap
