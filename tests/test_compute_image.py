@@ -103,6 +103,8 @@ def test_nvidia_user_space_without_x(rootfs: Path, host: Any) -> None:
     enabled = host.run(f"chroot {rootfs} systemctl is-enabled nvidia-persistenced.service")
     assert enabled.stdout.strip() == "enabled", enabled.stderr
     assert not (rootfs / "run/nvidia-persistenced").exists()  # enabled, never started in the build
+    assert not (rootfs / "var/lib/dkms/mok.key").exists()  # DKMS's signing key never ships
+    assert not list((rootfs / "boot").glob("initrd.img-*"))  # the build makes its own initramfs
     installed = host.run(f"chroot {rootfs} dpkg-query -W -f '${{Package}}\\n'").stdout.split()
     assert {"nvidia-kernel-dkms", "nvidia-smi", "nvidia-persistenced", "libcuda1"} <= set(installed)
     assert not [p for p in installed if p.startswith(("xserver-xorg", "nvidia-driver"))]
