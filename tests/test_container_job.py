@@ -41,6 +41,9 @@ def _libraries(binary: str) -> list[Path]:
 def make_container(tmp_path: Path) -> Path:
     """A squashfs image of a tiny rootfs: /bin/sh (dash, Enroot's rc needs a shell), cat, os-release."""
     root = tmp_path / "rootfs"
+    for merged in ("bin", "lib", "lib64"):  # a merged-/usr layout, as Debian's
+        (root / "usr" / merged).mkdir(parents=True)
+        (root / merged).symlink_to(f"usr/{merged}")
     for binary in ("/bin/dash", "/bin/cat"):
         for path in [Path(binary).resolve(), *_libraries(binary)]:
             target = root / path.relative_to("/")
