@@ -114,6 +114,9 @@ def test_enroot_from_the_pinned_source(rootfs: Path, host: Any) -> None:
     assert f'export ENROOT_VERSION="{ENROOT_VERSION}"' in (rootfs / "usr/bin/enroot").read_text()
     installed = host.run(f"chroot {rootfs} dpkg-query -W -f '${{Package}}\\n'").stdout.split()
     assert not [p for p in installed if p.startswith("enroot")]  # built from the tarball, not a package
+    # What enroot's package would depend on (column, ps, lsns, jq, parallel, mksquashfs, zstd).
+    runtime = {"bsdextrautils", "procps", "util-linux", "jq", "parallel", "squashfs-tools", "zstd", "gawk"}
+    assert runtime <= set(installed), sorted(runtime - set(installed))
     caps = host.run(f"getcap {rootfs}/usr/bin/enroot-aufs2ovlfs {rootfs}/usr/bin/enroot-mksquashovlfs").stdout
     assert "cap_sys_admin,cap_mknod=ep" in caps and "enroot-mksquashovlfs cap_sys_admin=ep" in caps, caps
     # The utilities are static (musl from Debian's musl-tools): no ELF interpreter.
