@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import netaddr
 from ClusterShell.NodeSet import NodeSet, NodeSetException
@@ -481,25 +481,25 @@ def _make_node(
     if name_problem:
         problems.append(Problem(name, "hostname", name_problem, HOST_RULE))
 
-    mac_raw = get("provision_mac")
-    mac = ""
-    if mac_raw is None or mac_raw == "":
-        problems.append(Problem(name, "provision_mac", "missing", "set the provisioning NIC's MAC address"))
-    else:
+    def required(key: str, parse: Callable[[Any], str], missing: str, fix: str) -> str:
+        """A field every node needs, parsed; "" (and a problem) when missing or wrong."""
+        raw = get(key)
+        if raw is None or raw == "":
+            problems.append(Problem(name, key, "missing", missing))
+            return ""
         try:
-            mac = parse_mac(mac_raw)
+            return parse(raw)
         except ValueError as exc:
-            problems.append(Problem(name, "provision_mac", str(exc), MAC_FIX))
+            problems.append(Problem(name, key, str(exc), fix))
+            return ""
 
-    ip_raw = get("provision_ip")
-    ip = ""
-    if ip_raw is None or ip_raw == "":
-        problems.append(Problem(name, "provision_ip", "missing", "set the node's address on the provisioning network"))
-    else:
-        try:
-            ip = parse_ip(ip_raw)
-        except ValueError as exc:
-            problems.append(Problem(name, "provision_ip", str(exc), "write an address such as 10.10.1.11"))
+    mac = required("provision_mac", parse_mac, "set the provisioning NIC's MAC address", MAC_FIX)
+    ip = required(
+        "provision_ip",
+        parse_ip,
+        "set the node's address on the provisioning network",
+        "write an address such as 10.10.1.11",
+    )
 
     network = get("provision_network")
     if ip and network and not problems_for(problems, "provision_ip"):
@@ -629,19 +629,28 @@ def _is_ip(text: str) -> bool:
     return True
 
 
+_Choice = TypeVar("_Choice", bound=StrEnum)
+
+
+def _choice(
+    name: str, get: Callable[..., Any], key: str, default: _Choice, what: str, problems: list[Problem]
+) -> _Choice:
+    """A closed-set field (a StrEnum member); ``default`` and a problem when the value is not one."""
+    raw = get(key, default.value)
+    try:
+        return type(default)(str(raw).lower())
+    except ValueError:
+        known = ", ".join(member.value for member in type(default))
+        problems.append(Problem(name, key, f"unknown {what} {raw!r}", f"use one of: {known}"))
+        return default
+
+
 def _make_bmc(name: str, hv: dict[str, Any], get: Callable[..., Any], templar: Any) -> tuple[Bmc | None, list[Problem]]:
     """The node's BMC fields (``provision_bmc_*``) and what is wrong with them."""
     problems: list[Problem] = []
     address = get("provision_bmc_address")
     user = get("provision_bmc_user")
-    protocol_raw = get("provision_bmc_protocol", "ipmi")
-    try:
-        protocol = BmcProtocol(str(protocol_raw).lower())
-    except ValueError:
-        protocol = BmcProtocol.IPMI
-        problems.append(
-            Problem(name, "provision_bmc_protocol", f"unknown protocol {protocol_raw!r}", "use one of: ipmi, redfish")
-        )
+    protocol = _choice(name, get, "provision_bmc_protocol", BmcProtocol.IPMI, "protocol", problems)
     if not address:
         problems.append(Problem(name, "provision_bmc_address", "missing", "set the BMC's address (host or IP)"))
     if not user:
@@ -686,14 +695,7 @@ _FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
 def _redfish_fields(
     name: str, get: Callable[..., Any], problems: list[Problem]
 ) -> tuple[RedfishAuth, BmcTls, str | None]:
-    auth_raw = get("provision_bmc_redfish_auth", "session")
-    try:
-        auth = RedfishAuth(str(auth_raw).lower())
-    except ValueError:
-        auth = RedfishAuth.SESSION
-        problems.append(
-            Problem(name, "provision_bmc_redfish_auth", f"unknown auth {auth_raw!r}", "use one of: session, basic")
-        )
+    auth = _choice(name, get, "provision_bmc_redfish_auth", RedfishAuth.SESSION, "auth", problems)
     ca_file = get("provision_bmc_ca_file")
     ca = str(ca_file) if ca_file else None
     if ca and not Path(ca).is_file():
