@@ -35,8 +35,6 @@ from typing import TYPE_CHECKING, Any
 from provision.boot.base import (
     PREPARE,
     BackendName,
-    BootHost,
-    BootImage,
     Prepared,
     PrepareOptions,
     Published,
@@ -57,6 +55,7 @@ from provision.grendel import (
 )
 
 if TYPE_CHECKING:
+    from provision.boot.base import BootHost, BootImage  # the records the Grendel client builds
     from provision.boot.events import BootEvent
     from provision.image.store import ImageStore, ImageVersion
     from provision.inventory import Node, Site
