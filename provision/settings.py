@@ -90,6 +90,13 @@ class SiteSettings:
         state_dir = state or (base / ".state").resolve()
         store = _path(variables.get("provision_image_store"), "provision_image_store", base)
         images_dir = _path(variables.get("provision_images_dir"), "provision_images_dir", base)
+        if images_dir is not None and base.is_dir() and images_dir.resolve().is_relative_to(base.resolve()):
+            # Ansible reads every YAML file under an inventory directory as inventory: a definition
+            # there would be parsed as hosts and groups (a planted one could add a rack).
+            raise InventoryError(
+                f"provision_images_dir: {images_dir} is inside the inventory directory {base}",
+                hint="keep the site's image definitions beside the inventory, e.g. ../images",
+            )
         network = variables.get("provision_network")
         if network is not None and not isinstance(network, str):
             raise InventoryError(f"provision_network: {network!r} is not a CIDR", hint="write e.g. 10.10.0.0/16")

@@ -31,15 +31,15 @@ def provision(*args: str, **kwargs: Any) -> list[str]:
 
 
 def site_with_changed_var(tmp_path: Path) -> Path:
-    """An inventory whose images/ holds base-debian12 with one role variable changed."""
+    """An inventory whose images directory (beside it) holds base-debian12 with one role variable changed."""
     site = tmp_path / "site"
     (site / "group_vars").mkdir(parents=True)
-    (site / "images").mkdir()
+    (tmp_path / "images").mkdir()
     (site / "hosts.yml").write_text("all:\n  children:\n    rack_r1:\n      hosts: {}\n")
-    (site / "group_vars/all.yml").write_text("provision_images_dir: images\nprovision_state_dir: state\n")
+    (site / "group_vars/all.yml").write_text("provision_images_dir: ../images\nprovision_state_dir: state\n")
     data = yaml.safe_load((IMAGES_DIR / "base-debian12.yml").read_text())
     data["vars"]["storage_layout_world_mode"] = "0777"
-    (site / "images/base-debian12.yml").write_text(yaml.safe_dump(data, sort_keys=False))
+    (tmp_path / "images/base-debian12.yml").write_text(yaml.safe_dump(data, sort_keys=False))
     return site
 
 

@@ -293,3 +293,20 @@ def test_selection_refuses_any_nodeset_with_inventory_error(nodes: str) -> None:
     except InventoryError:
         return
     assert chosen and all(n.name in {m.name for m in site.nodes} for n in chosen)
+
+
+def test_an_images_directory_inside_the_inventory_is_refused(tmp_path: Path) -> None:
+    """Ansible would read its definitions as inventory (a planted one could add a rack)."""
+    site_dir = write_site(tmp_path)
+    (site_dir / "images").mkdir()
+    # A definition that Ansible also reads as inventory: a group "rack_evil" with a host.
+    (site_dir / "images" / "evil.yml").write_text("rack_evil:\n  hosts:\n    planted01: {}\n")
+    all_vars = site_dir / "group_vars" / "all.yml"
+    all_vars.write_text(all_vars.read_text() + "\nprovision_images_dir: images\n")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    result = run_provision("-i", site_dir, "inventory", "check")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr
+    assert "provision_images_dir" in errors[0] and "inside the inventory directory" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
