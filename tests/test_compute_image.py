@@ -23,7 +23,7 @@ pytestmark = pytest.mark.vm
 
 COMPUTE_ROLES = [
     "stateless", "storage_layout", "node_tools", "nvidia_driver", "munge", "slurm_node",
-    "sssd", "wireguard", "enroot", "apptainer", "cvmfs", "postboot",
+    "sssd", "wireguard", "enroot", "apptainer", "cvmfs", "postboot", "join_agent",
 ]  # fmt: skip
 
 
