@@ -144,8 +144,12 @@ class Renderer:
         net = netaddr.IPNetwork(cfg.network)
         leases = []
         for host in sorted(hosts, key=lambda h: h.name):
-            for mac, ip in zip(host.macs, host.addresses, strict=False):
-                leases.append({"mac": mac, "ip": ip, "name": host.name})
+            for index, mac in enumerate(host.macs):
+                ip = host.addresses[index] if index < len(host.addresses) else None
+                # Static mode leases each MAC its address; proxy mode lists every MAC as known
+                # (dhcp-ignore=tag:!known), with or without an address in the inventory.
+                if ip is not None or cfg.dhcp_mode is DhcpMode.PROXY:
+                    leases.append({"mac": mac, "ip": ip, "name": host.name})
         conf = self._template(
             "dnsmasq.conf.j2",
             mode=str(cfg.dhcp_mode),
