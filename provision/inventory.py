@@ -575,7 +575,9 @@ def parse_ip(value: object) -> str:
         address = netaddr.IPAddress(value.strip())
     except (netaddr.AddrFormatError, ValueError, TypeError):
         raise ValueError(f"{value!r} is not an IP address") from None
-    if address.is_multicast() or address.is_loopback() or int(address) == 0 or str(address) == "255.255.255.255":
+    # Loopback stays allowed: a site's network never holds it (the subnet check refuses it there), and
+    # the join service's tests run their nodes on 127.0.0.x.
+    if address.is_multicast() or int(address) == 0 or str(address) == "255.255.255.255":
         raise ValueError(f"{address} is not a node's unicast address")
     return str(address)
 

@@ -99,11 +99,14 @@ class JoinService:
     @classmethod
     def from_site(cls, site: Site) -> JoinService:
         settings = JoinSettings.from_site(site)
+        # A node whose inventory entry has problems (no valid provision_ip, ...) is not served: unknown.
+        broken = {p.node for p in site.problems}
+        nodes = tuple(n for n in site.nodes if n.name not in broken)
         if settings.trust is not JoinTrust.TOKEN:
-            return cls(site.nodes, settings)
+            return cls(nodes, settings)
         from provision.boot.base import backend_for
 
-        return cls(site.nodes, settings, tokens=backend_for(site).rotate_token)
+        return cls(nodes, settings, tokens=backend_for(site).rotate_token)
 
     # -- consoles -----------------------------------------------------------------
     def console(self, name: str) -> ConsoleBoot | None:
