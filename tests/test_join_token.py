@@ -193,3 +193,14 @@ def test_the_agent_joins_with_its_boot_token(tmp_path: Path) -> None:
     assert (root / "etc/munge/munge.key").read_bytes().startswith(SECRET)
     assert token not in joined.stderr  # the token is never logged
     assert token_in(script_of(backend, mac)) != token  # spent: the next boot gets another
+
+
+def test_a_node_with_inventory_problems_is_not_served(tmp_path: Path) -> None:
+    """No valid provision_ip (or any other problem): the service does not know the node at all."""
+    site = make_site(tmp_path, provision_join_trust="console")
+    hosts_file = site.path / "hosts.yml"
+    hosts = yaml.safe_load(hosts_file.read_text())
+    hosts["all"]["children"]["rack_r1"]["hosts"]["r1n03"]["provision_ip"] = "not-an-address"
+    hosts_file.write_text(yaml.safe_dump(hosts))
+    service = JoinService.from_site(inventory.load(site.path))
+    assert sorted(service.nodes) == ["r1n01", "r1n02"]
