@@ -277,7 +277,9 @@ def run_agent(script: Path, url: str, node: NodeBoot, root: Path, *args: str) ->
 
 SYSTEMCTL = """#!/bin/sh
 # systemctl for a test host without systemd as PID 1: the agent's calls, in order.
+# A file fail-UNIT beside it makes `restart UNIT` fail (a service that cannot start).
 echo "$*" >> "${0%/*}/calls"
+if [ "$1" = restart ] && [ -e "${0%/*}/fail-$2" ]; then exit 1; fi
 """
 
 
@@ -288,10 +290,14 @@ class Agent:
     the restarts and answers that each unit is active.
     """
 
-    def __init__(self, script: Path, url: str, node: NodeBoot, root: Path, max_backoff: int = 2) -> None:
+    def __init__(
+        self, script: Path, url: str, node: NodeBoot, root: Path, max_backoff: int = 2, failing: tuple[str, ...] = ()
+    ) -> None:
         self.log = root.parent / "agent.log"
         self.bin = root.parent / "bin"
         self.bin.mkdir()
+        for unit in failing:
+            (self.bin / f"fail-{unit}").touch()
         (self.bin / "systemctl").write_text(SYSTEMCTL)
         (self.bin / "systemctl").chmod(0o755)
         env = agent_env(url, node, root, PROVISION_JOIN_MAX_BACKOFF=str(max_backoff))
@@ -478,6 +484,43 @@ def test_agent_keeps_trying_while_the_service_is_down(
     assert took < 10, agent.stderr()  # the requirement: idle within 10 s after the service starts
     assert agent.restarted() == assert_installed(lab.bundles / NODE, root)["services"]
     assert_joined(service.stop(), node)
+
+
+@needs
+def test_agent_reports_its_release_and_a_service_that_does_not_start(
+    lab: Lab, node: NodeBoot, tmp_path: Path, services: list[LiveService]
+) -> None:
+    """The image's /etc/provision-release travels in the signed report; a unit that fails to restart is reported
+    once as failed (restart:UNIT) and retried; once it starts, the node reports joined."""
+    from provision.image.manifest import write_release
+
+    node.print_boot()
+    service = LiveService(lab.site.nodes, lab.settings(tmp_path / "service"))
+    services.append(service)
+    url = service.start()
+    script, _ = render_agent(tmp_path / "libexec")
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    write_release(root, "compute-debian12", "20261202-101010")
+    agent = Agent(script, url, node, root, failing=("slurmd",))
+    agent.wait_for("provision: join reported failed (compute-debian12/20261202-101010)", timeout=60)
+    agent.wait_for("provision: join slurmd did not restart", count=2)  # retried, not reported again
+    failed = service.service.state.nodes[NODE].last_report
+    assert failed is not None
+    assert (failed["status"], failed["step"], failed["release"]) == (
+        "failed", "restart:slurmd", "compute-debian12/20261202-101010"
+    )
+    assert agent.stderr().count("reported failed") == 1
+    (agent.bin / "fail-slurmd").unlink()
+    assert agent.wait() == 0, agent.stderr()
+    units = assert_installed(lab.bundles / NODE, root)["services"]
+    assert isinstance(units, list) and "slurmd" in units
+    status = service.stop()
+    record = assert_joined(status, node, served=status.nodes[NODE].bundles_served)
+    assert record.last_report is not None and record.last_report["release"] == "compute-debian12/20261202-101010"
+    reports = [e.detail for e in status.events if e.kind.value == "report"]
+    assert reports == ["failed at restart:slurmd on compute-debian12/20261202-101010",
+                       "joined at done on compute-debian12/20261202-101010"]  # fmt: skip
 
 
 # -- bundles the agent must refuse ---------------------------------------------------------

@@ -266,6 +266,9 @@ def build(
                 scan.require_clean(root, out / "initrd.img", workdir=staging.path)
                 detail.append("clean (rootfs and initramfs)")
 
+            # The version is chosen now so that the image can name itself (/etc/provision-release).
+            version = store.new_version(definition.name)
+            manifest.write_release(root, definition.name, version)
             packages = bootstrapper.packages(root)
             rootfs_bytes = squashfs.tree_size(root)
             with run.stage(Stage.SQUASHFS) as detail:
@@ -274,7 +277,6 @@ def build(
                 detail.append(f"{rootfs_bytes / 2**20:.0f} MiB -> {squashfs_bytes / 2**20:.0f} MiB")
             mounted.close()  # the overlay goes before the version is published
 
-            version = store.new_version(definition.name)
             with run.stage(Stage.MANIFEST) as detail:
                 data = manifest.build_manifest(
                     definition=definition,

@@ -92,3 +92,19 @@ def write(out_dir: Path, manifest: Mapping[str, Any]) -> Path:
     path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     path.chmod(0o644)
     return path
+
+
+#: Inside the image: which image and version this root filesystem is (read by the join agent, reported at each boot).
+RELEASE_FILE = "etc/provision-release"
+
+
+def release_text(name: str, version: str) -> str:
+    """``/etc/provision-release``: shell-readable, like os-release."""
+    return f"PROVISION_IMAGE={name}\nPROVISION_VERSION={version}\n"
+
+
+def write_release(root: Path, name: str, version: str) -> Path:
+    path = root / RELEASE_FILE
+    path.write_text(release_text(name, version))
+    path.chmod(0o644)
+    return path

@@ -35,9 +35,11 @@ Trust design
      manifest's files (paths relative to /, owner and group by name, modes
      from the manifest) and ``manifest.json`` at its top.
   4. ``POST /v1/report`` ``{"node", "boot_id", "nonce", "status":
-     "joined"|"failed", "step", "signature"}``, signed (same namespace) over
-     ``provision-report-v1\\nnode=…\\nboot_id=…\\nnonce=…\\nstatus=…\\nstep=…\\n``
-     with a fresh challenge -> 204; the node's state is recorded.
+     "joined"|"failed", "step", "release", "signature"}``, signed (same namespace) over
+     ``provision-report-v2\\nnode=…\\nboot_id=…\\nnonce=…\\nstatus=…\\nstep=…\\nrelease=…\\n``
+     (``release``: ``IMAGE/VERSION`` from the image's /etc/provision-release; an
+     agent without it signs ``provision-report-v1`` without that line) with a
+     fresh challenge -> 204; the node's state is recorded.
 
 * **Refusals** are 403 ``{"error": …}`` (no secret, nothing about other
   nodes): unknown node; source address not the node's ``provision_ip``;

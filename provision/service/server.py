@@ -34,6 +34,7 @@ log = logging.getLogger("provision.service")
 NAMESPACE = "provision-join@v1"  # ssh-keygen -Y sign -n, for bundles and reports alike
 MAX_BODY = 16 * 1024
 _STEP = re.compile(r"[A-Za-z0-9_.:/@+-]{0,64}")
+_RELEASE = re.compile(r"([a-z0-9][a-z0-9-]{0,62}/[0-9][0-9.-]{0,31})?")  # IMAGE/VERSION, or empty
 _FIELD = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # node, boot_id and nonce (urlsafe base64) as sent
 
 
@@ -41,10 +42,11 @@ def join_message(node: str, boot_id: str, nonce: str) -> bytes:
     return f"provision-join-v1\nnode={node}\nboot_id={boot_id}\nnonce={nonce}\n".encode()
 
 
-def report_message(node: str, boot_id: str, nonce: str, status: str, step: str) -> bytes:
-    return (
-        f"provision-report-v1\nnode={node}\nboot_id={boot_id}\nnonce={nonce}\nstatus={status}\nstep={step}\n".encode()
-    )
+def report_message(node: str, boot_id: str, nonce: str, status: str, step: str, release: str | None = None) -> bytes:
+    """v2 carries the release the node runs (``IMAGE/VERSION`` from /etc/provision-release); v1 agents send none."""
+    head = "provision-report-v1" if release is None else "provision-report-v2"
+    text = f"{head}\nnode={node}\nboot_id={boot_id}\nnonce={nonce}\nstatus={status}\nstep={step}\n"
+    return (text if release is None else f"{text}release={release}\n").encode()
 
 
 class _Refused(Exception):
@@ -267,11 +269,17 @@ class JoinService:
         body: Mapping[str, object] = {}
         try:
             body = await self._body(request)
-            status, step = body.get("status"), body.get("step")
+            status, step, release = body.get("status"), body.get("step"), body.get("release")
             if status not in tuple(ReportStatus) or not (isinstance(step, str) and _STEP.fullmatch(step)):
                 raise _Refused(400, "status must be joined or failed, step a short word")
+            if release is not None and not (isinstance(release, str) and _RELEASE.fullmatch(release)):
+                raise _Refused(400, "release must be IMAGE/VERSION or empty")
             verified = self._verify(
-                body, peer, lambda node, boot, nonce: report_message(node, boot, nonce, str(status), str(step))
+                body,
+                peer,
+                lambda node, boot, nonce: report_message(
+                    node, boot, nonce, str(status), str(step), None if release is None else str(release)
+                ),
             )
             if not self.nonces.consume(verified.node, str(body["nonce"]), time.monotonic()):
                 raise _Refused(403, "no such challenge (unknown, expired or already used)")
@@ -281,9 +289,11 @@ class JoinService:
             "status": str(status),
             "step": str(step),
             "boot_id": verified.boot_id,
+            "release": str(release or ""),
             "time": now_iso(),
         }
-        self.state.event(EventKind.REPORT, verified.node, peer, f"{status} at {step or '-'}")
+        on = f" on {release}" if release else ""
+        self.state.event(EventKind.REPORT, verified.node, peer, f"{status} at {step or '-'}{on}")
         return web.Response(status=204)
 
     def app(self) -> web.Application:
