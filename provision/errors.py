@@ -47,3 +47,7 @@ class ImageError(ProvisionError):
 
 class BootError(ProvisionError):
     """A boot backend refused or failed an operation."""
+
+
+class RolloutError(ProvisionError):
+    """A rolling re-image was refused (nothing changed) or could not go on."""

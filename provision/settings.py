@@ -48,6 +48,7 @@ class SiteSettings:
     default_image: str | None  # provision_default_image
     boot_backend: str  # provision_boot_backend: builtin | grendel
     mirrors: Mapping[str, str] = field(default_factory=dict)  # provision_mirrors
+    slurm_bin_dir: Path | None = None  # provision_slurm_bin_dir: scontrol/srun on this host (None: PATH)
     #: The rest of group_vars/all (rendered; lookups kept as written; no BMC password).
     variables: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -117,6 +118,7 @@ class SiteSettings:
             raise InventoryError(
                 "provision_mirrors: must be a mapping of mirror name to URL", hint="fix group_vars/all"
             )
+        slurm_bin_dir = _path(variables.get("provision_slurm_bin_dir"), "provision_slurm_bin_dir", base)
         rest = {k: v for k, v in variables.items() if not str(k).startswith("provision_bmc_password")}
         return cls(
             inventory_dir=base,
@@ -127,5 +129,6 @@ class SiteSettings:
             default_image=default_image or None,
             boot_backend=backend.lower(),
             mirrors=MappingProxyType(dict(mirrors_raw)),
+            slurm_bin_dir=slurm_bin_dir,
             variables=MappingProxyType(rest),
         )

@@ -123,3 +123,19 @@ def mounted_squashfs(squashfs: Path, mountpoint: Path) -> Iterator[Path]:
     finally:
         subprocess.run(["umount", str(mountpoint)], check=True)
         assert mounts_under(mountpoint) == []
+
+
+@pytest.fixture(scope="session")
+def shared_rack(compute_image: ImageVersion, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The run's one 3-node virtual rack on compute-debian12 (tests/vmlab.py), for the scenarios that share it;
+    ``lab down`` at the end of the run must leave nothing behind."""
+    from image_versions import private_store
+    from vmlab import SharedRack
+
+    root = tmp_path_factory.mktemp("rack")
+    # A store of its own (hard links): the versions the rollout scenarios derive never become the run's current.
+    rack = SharedRack(root, private_store(compute_image, root / "store").root)
+    try:
+        yield rack
+    finally:
+        rack.down()

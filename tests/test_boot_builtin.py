@@ -329,6 +329,30 @@ def test_versions_activate_and_roll_back(site_path: Path, store: Path) -> None:
     assert not (backend.docroot / "images" / IMAGE / V2).exists()
 
 
+def test_nodes_pinned_to_another_version(site_path: Path, store: Path) -> None:
+    """A rollout's pins: one node boots another version of its image; the rest keep the active one."""
+    backend = backend_of(site_path)
+    sync_site(inventory.load(site_path), backend, activate=True)
+    backend.add_store_version(store, IMAGE, V1)
+    assert backend.versions_of(IMAGE) == (tuple(sorted((V1, V2))), V2)
+    assert backend.assign_version(["node01"], V1) == {"node01": V1}
+    assert f"/images/{IMAGE}/{V1}/vmlinuz" in node_script(backend, "node01")
+    assert f"/images/{IMAGE}/{V2}/vmlinuz" in node_script(backend, "node02")
+    assert backend.next_versions(["node01", "node02"]) == {"node01": V1, "node02": V2}
+    assert backend.summary()["pinned"] == {"node01": V1}
+    # A pin survives another sync (it is run state) and keeps its version from removal.
+    sync_site(inventory.load(site_path), backend, activate=True)
+    assert f"/images/{IMAGE}/{V1}/vmlinuz" in node_script(backend, "node01")
+    with pytest.raises(BootError, match="pinned for node01"):
+        backend.remove_version(IMAGE, V1)
+    with pytest.raises(BootError, match="is not registered"):
+        backend.assign_version(["node02"], "20990101-000000")
+    assert backend.next_versions(["node02"]) == {"node02": V2}  # a refused pin changes nothing
+    assert backend.assign_version(["node01"], None) == {"node01": V2}  # back to the active version
+    assert f"/images/{IMAGE}/{V2}/vmlinuz" in node_script(backend, "node01")
+    assert backend.remove_version(IMAGE, V1)
+
+
 def test_provision_flag_and_one_time_tokens(tmp_path: Path, store: Path) -> None:
     site_path = make_inventory(tmp_path, store=store, extra=TOKENS)
     backend = backend_of(site_path)

@@ -508,7 +508,9 @@ def test_agent_reports_its_release_and_a_service_that_does_not_start(
     failed = service.service.state.nodes[NODE].last_report
     assert failed is not None
     assert (failed["status"], failed["step"], failed["release"]) == (
-        "failed", "restart:slurmd", "compute-debian12/20261202-101010"
+        "failed",
+        "restart:slurmd",
+        "compute-debian12/20261202-101010",
     )
     assert agent.stderr().count("reported failed") == 1
     (agent.bin / "fail-slurmd").unlink()

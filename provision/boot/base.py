@@ -360,6 +360,20 @@ class BootBackend(Protocol):
         """DHCP/TFTP/HTTP boot phases so far (empty when the backend has no logs here)."""
         ...
 
+    # Versions per node (rolling re-image)
+    def versions_of(self, image: str) -> tuple[tuple[str, ...], str | None]:
+        """The versions of ``image`` nodes can be given, and the one they boot by default."""
+        ...
+
+    def assign_version(self, names: Sequence[str], version: str | None) -> dict[str, str]:
+        """From their next boot on, these nodes boot ``version`` of their image (None: the default
+        version again); returns the version each will boot. A backend that cannot raises BootError."""
+        ...
+
+    def next_versions(self, names: Sequence[str]) -> dict[str, str]:
+        """The version of its image each node boots next (nodes without one are left out)."""
+        ...
+
     # Images
     def list_images(self) -> list[BootImage]: ...
 

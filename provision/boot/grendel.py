@@ -140,6 +140,19 @@ class GrendelBackend:
     def is_published(self, name: str) -> bool:
         return self.get_image(name) is not None
 
+    # Grendel serves one version per image name: there is nothing to pin a node to.
+    def versions_of(self, image: str) -> tuple[tuple[str, ...], str | None]:
+        return (), None
+
+    def assign_version(self, names: Sequence[str], version: str | None) -> dict[str, str]:
+        raise BootError(
+            "Grendel serves one version per image: per-node versions (a rolling re-image) are not possible with it",
+            hint="roll out with provision_boot_backend: builtin, or publish the version to every node at once",
+        )
+
+    def next_versions(self, names: Sequence[str]) -> dict[str, str]:
+        return {}
+
     def images_for(self, names: Sequence[str]) -> list[BootImage]:
         """The Grendel images ``names``: ``provision_grendel_images`` or the repo layout."""
         return [image_for_export(name, self.config, self.settings.repo_dir) for name in names]

@@ -16,6 +16,7 @@ from provision.cli import image as image_cmd
 from provision.cli import inventory as inventory_cmd
 from provision.cli import lab as lab_cmd
 from provision.cli import node as node_cmd
+from provision.cli import rollout as rollout_cmd
 from provision.cli import service as service_cmd
 from provision.cli.context import AppContext
 
@@ -62,6 +63,7 @@ def cli(ctx: click.Context, inventory_path: Path, vault_password_file: str | Non
 
 cli.add_command(inventory_cmd.inventory)
 cli.add_command(image_cmd.image)
+image_cmd.image.add_command(rollout_cmd.rollout_cmd)
 cli.add_command(node_cmd.node)
 cli.add_command(grendel_cmd.grendel)
 cli.add_command(boot_cmd.boot)

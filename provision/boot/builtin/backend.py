@@ -139,6 +139,7 @@ class BuiltinBackend(Layout):
                 name: {"active": reg.active.get(name), "versions": sorted(vs)}
                 for name, vs in sorted(reg.versions.items())
             },
+            "pinned": dict(sorted(reg.pinned.items())),
         }
 
     def boot_events(self, hosts: Sequence[BootHost] = ()) -> list[BootEvent]:
@@ -271,6 +272,48 @@ class BuiltinBackend(Layout):
             reg.active[name] = version
             self._render(reg)
 
+    def versions_of(self, name: str) -> tuple[tuple[str, ...], str | None]:
+        reg = self._read()
+        name = check_image_name(name)
+        return tuple(sorted(reg.versions.get(name, {}))), reg.active.get(name)
+
+    def _image_of(self, host: BootHost) -> str | None:
+        return host.image or self.config.default_image
+
+    def assign_version(self, names: Sequence[str], version: str | None) -> dict[str, str]:
+        """Pin each node to ``version`` of its image (None: back to the active version); what each boots next."""
+        with self._locked() as reg:
+            for name in map(check_host_name, names):
+                host = reg.hosts.get(name)
+                image = self._image_of(host) if host else None
+                if host is None or image is None:
+                    raise BootError(f"{name}: not a host with an image here", hint="run `provision node sync` first")
+                if version is None:
+                    reg.pinned.pop(name, None)
+                    continue
+                known = reg.versions.get(image, {})
+                if version not in known:
+                    listed = ", ".join(sorted(known)) or "none"
+                    raise BootError(f"image {image}: version {version!r} is not registered (known: {listed})",
+                                    hint=f"provision image publish {image} --version {version}")  # fmt: skip
+                known[version].check_files(image)
+                reg.pinned[name] = version
+            self._render(reg)
+            return self._next(reg, names)
+
+    def next_versions(self, names: Sequence[str]) -> dict[str, str]:
+        return self._next(self._read(), names)
+
+    def _next(self, reg: Registry, names: Sequence[str]) -> dict[str, str]:
+        result = {}
+        for name in map(check_host_name, names):
+            host = reg.hosts.get(name)
+            image = self._image_of(host) if host else None
+            version = reg.pinned.get(name) or (reg.active.get(image) if image else None)
+            if version:
+                result[name] = version
+        return result
+
     def versions(self, name: str) -> tuple[list[ImageVersionRecord], str | None]:
         """Every servable version of ``name`` and the active one."""
         reg = self._read()
@@ -282,6 +325,11 @@ class BuiltinBackend(Layout):
         with self._locked() as reg:
             if reg.active.get(name) == version:
                 raise BootError(f"image {name}: version {version} is active", hint="activate another version first")
+            pinned = sorted(h for h, v in reg.pinned.items() if v == version and h in reg.hosts
+                            and self._image_of(reg.hosts[h]) == name)  # fmt: skip
+            if pinned:
+                raise BootError(f"image {name}: version {version} is pinned for {', '.join(pinned)}",
+                                hint="finish or roll back the rollout first")  # fmt: skip
             found = reg.versions.get(name, {}).pop(version, None) is not None
             if found:
                 self._render(reg)
@@ -340,6 +388,7 @@ class BuiltinBackend(Layout):
             for name in map(check_host_name, names):
                 if reg.hosts.pop(name, None) is not None:
                     tokens.pop(name, None)
+                    reg.pinned.pop(name, None)
                     removed.append(name)
         return removed
 

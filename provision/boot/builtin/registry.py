@@ -92,11 +92,13 @@ class ImageVersionRecord:
 
 @dataclass
 class Registry:
-    """Mutable run state: the hosts, every servable version, and the version each image boots."""
+    """Mutable run state: the hosts, every servable version, the version each image boots,
+    and the nodes pinned to another version of their image (a rollout's canaries and waves)."""
 
     hosts: dict[str, BootHost] = field(default_factory=dict)
     versions: dict[str, dict[str, ImageVersionRecord]] = field(default_factory=dict)
     active: dict[str, str] = field(default_factory=dict)
+    pinned: dict[str, str] = field(default_factory=dict)  # host name -> version of its image
 
     @classmethod
     def load(cls, path: Path) -> Registry:
@@ -120,7 +122,8 @@ class Registry:
                 for name, vs in data.get("images", {}).items()
             }
             active = {check_image_name(k): check_version(k, v) for k, v in dict(data.get("active", {})).items()}
-            return cls(hosts, versions, active)
+            pinned = {k: check_version(k, v) for k, v in dict(data.get("pinned", {})).items() if k in hosts}
+            return cls(hosts, versions, active, pinned)
         except (OSError, ValueError, KeyError, TypeError, AttributeError, BootError) as exc:
             reason = " ".join(str(exc).split())[:200]
             raise BootError(
@@ -133,6 +136,7 @@ class Registry:
             "hosts": [h.as_dict() for h in sorted(self.hosts.values(), key=lambda h: h.name)],
             "images": {n: [v.as_dict() for v in vs.values()] for n, vs in sorted(self.versions.items())},
             "active": dict(sorted(self.active.items())),
+            "pinned": dict(sorted(self.pinned.items())),
         }
         write_atomic(path, json.dumps(data, indent=2) + "\n", mode=0o644)
 

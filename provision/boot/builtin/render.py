@@ -200,7 +200,7 @@ class Renderer:
     def node_script(self, host: BootHost, mac: str, reg: Registry, token: str | None) -> str:
         cfg = self.config
         image_name = host.image or cfg.default_image
-        version = reg.active.get(image_name) if image_name else None
+        version = reg.pinned.get(host.name) or (reg.active.get(image_name) if image_name else None)
         ip = host.addresses[host.macs.index(mac)] if host.macs.index(mac) < len(host.addresses) else None
         values: dict[str, Any] = {"name": host.name, "mac": mac, "ip": ip, "image": None, "reason": ""}
         if not host.provision:
@@ -209,6 +209,8 @@ class Renderer:
             values["reason"] = "no image (set provision_image or provision_default_image)"
         elif version is None or image_name is None:
             values["reason"] = f"image {image_name} has no active version (publish and activate it)"
+        elif version not in reg.versions.get(image_name, {}):
+            values["reason"] = f"image {image_name} version {version} (pinned) is not registered (publish it)"
         else:
             record = reg.versions[image_name][version]
             base = f"{cfg.base_url}/images/{image_name}/{version}"

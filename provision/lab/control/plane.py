@@ -109,6 +109,7 @@ class ControlPlane:
             "munge_key_file": str(self.munge_key),
             "join_slurm_sinfo": [str(self.bin_dir / "sinfo")],
             "join_slurm_scontrol": [str(self.bin_dir / "scontrol")],
+            "provision_slurm_bin_dir": str(self.bin_dir),  # rollouts: scontrol reboot, srun checks
             "join_k0s": False,
             "sssd_ldap_uri": [ldap.uri],
             "sssd_ldap_search_base": ldap.base_dn,
