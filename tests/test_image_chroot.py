@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from provision.image.chroot import Chroot, mounts_under, remove_tree
+from provision.image.chroot import Chroot, mounts_under, processes_inside, remove_tree
 
 pytestmark = pytest.mark.integration
 
@@ -53,3 +54,30 @@ def test_remove_tree_unmounts_first(root: Path) -> None:
     assert not root.exists()
     assert chroot.root == root.resolve()
     assert (Path("/dev/null")).is_char_device(), "host devices untouched"
+
+
+# A process that chroots into the tree and keeps writing there (what dpkg does under a cancelled playbook).
+WRITER = """
+import os, sys, time
+os.chroot(sys.argv[1]); os.chdir("/")
+print("inside", flush=True)
+n = 0
+while True:
+    n += 1
+    with open(f"/etc/written-{n % 50}", "w") as handle:
+        handle.write("x" * 4096)
+    time.sleep(0.01)
+"""
+
+
+def test_closing_stops_what_still_runs_inside(root: Path) -> None:
+    """Nothing may write into the tree once the chroot closes: what runs inside is killed first (then the tree
+    can be removed; before, `rm -rf` raced a still-running writer: "Directory not empty")."""
+    with Chroot(root):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(root)], stdout=subprocess.PIPE, text=True)
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "inside"
+        assert writer.pid in processes_inside(root)
+    assert writer.wait(timeout=5) == -9
+    assert processes_inside(root) == []
+    remove_tree(root)
+    assert not root.exists()

@@ -12,12 +12,15 @@ mount behind in the host's namespace.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
 import shutil
+import signal
 import stat
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -73,6 +76,35 @@ def unmount_all(path: Path, *, include_self: bool = True) -> None:
     left = mounts_under(path, include_self=include_self)
     if left:
         raise ImageError(f"could not unmount {left[0]}", hint=f"unmount it by hand: umount -l {left[0]}")
+
+
+def processes_inside(root: Path) -> list[int]:
+    """Processes whose root directory is ``root`` or below it (what runs in the chroot)."""
+    base = str(root.resolve())
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            target = os.readlink(entry / "root")
+        except OSError:  # gone, or a kernel thread
+            continue
+        if target == base or target.startswith(base + "/"):
+            found.append(int(entry.name))
+    return found
+
+
+def kill_inside(root: Path, wait: float = 10.0) -> list[int]:
+    """SIGKILL what still runs in the chroot (a cancelled playbook's modules: dpkg, apt) and wait for it to go:
+    nothing may write into the tree while it is unmounted and removed. Returns the pids killed."""
+    killed = processes_inside(root)
+    for pid in killed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + wait
+    while processes_inside(root) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return killed
 
 
 def remove_tree(path: Path) -> None:
@@ -146,6 +178,7 @@ class Chroot:
 
     def close(self) -> None:
         errors = []
+        kill_inside(self.root)
         if self._resolv_placed:
             (self.root / "etc/resolv.conf").unlink(missing_ok=True)
             self._resolv_placed = False
