@@ -255,6 +255,18 @@ def services() -> Iterator[list[LiveService]]:
             service.stop()
 
 
+def service_and_agent(
+    lab: Lab, tmp_path: Path, services: list[LiveService], port: int = 0
+) -> tuple[LiveService, Path, Path]:
+    """A join service for the lab's nodes (not started; stopped after the test), the rendered agent, an install root."""
+    service = LiveService(lab.site.nodes, lab.settings(tmp_path / "service"), port=port)
+    services.append(service)
+    script, _ = render_agent(tmp_path / "libexec")
+    root = tmp_path / "root"
+    root.mkdir()
+    return service, script, root
+
+
 def agent_env(url: str, node: NodeBoot, root: Path, **extra: str) -> dict[str, str]:
     (root.parent / "run").mkdir(exist_ok=True)
     return {
@@ -375,12 +387,8 @@ def test_agent_installs_the_rendered_bundle(
     """bundle.yml's output, served by the service, installed byte for byte with the manifest's owners; reported."""
     pwd.getpwnam("munge")  # ./run setup installs munge: the key's owner exists here
     node.print_boot()
-    service = LiveService(lab.site.nodes, lab.settings(tmp_path / "service"))
-    services.append(service)
+    service, script, root = service_and_agent(lab, tmp_path, services)
     url = service.start()
-    script, _ = render_agent(tmp_path / "libexec")
-    root = tmp_path / "root"
-    root.mkdir()
 
     proc = run_agent(script, url, node, root, "--once")
     assert proc.returncode == 0, proc.stderr
@@ -403,12 +411,8 @@ def test_agent_waits_for_its_key_on_the_console(
 ) -> None:
     """503 while this boot's key has not reached the console (console lag); joined once it has."""
     node.print_boot(key="")
-    service = LiveService(lab.site.nodes, lab.settings(tmp_path / "service"))
-    services.append(service)
+    service, script, root = service_and_agent(lab, tmp_path, services)
     url = service.start()
-    script, _ = render_agent(tmp_path / "libexec")
-    root = tmp_path / "root"
-    root.mkdir()
 
     once = run_agent(script, url, node, root, "--once")
     assert once.returncode == 75, once.stderr  # try later
@@ -431,12 +435,8 @@ def test_agent_retries_a_refusal_and_logs_why(
 ) -> None:
     """403 for a key not on the console: the agent logs the service's reason and keeps trying with backoff."""
     node.print_boot(key=" ".join(Path(f"{make_key(tmp_path / 'other')}.pub").read_text().split()[:2]))
-    service = LiveService(lab.site.nodes, lab.settings(tmp_path / "service"))
-    services.append(service)
+    service, script, root = service_and_agent(lab, tmp_path, services)
     url = service.start()
-    script, _ = render_agent(tmp_path / "libexec")
-    root = tmp_path / "root"
-    root.mkdir()
     reason = 'provision: join bundle: refused (403): {"error": "signature not by the host key pinned from the console'
 
     once = run_agent(script, url, node, root, "--once")
@@ -466,11 +466,7 @@ def test_agent_keeps_trying_while_the_service_is_down(
     with socket.socket() as probe:  # a free port for the service to come up on later
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    service = LiveService(lab.site.nodes, lab.settings(tmp_path / "service"), port=port)
-    services.append(service)
-    script, _ = render_agent(tmp_path / "libexec")
-    root = tmp_path / "root"
-    root.mkdir()
+    service, script, root = service_and_agent(lab, tmp_path, services, port=port)
 
     agent = Agent(script, f"http://127.0.0.1:{port}", node, root)
     time.sleep(5)
@@ -495,12 +491,9 @@ def test_agent_reports_its_release_and_a_service_that_does_not_start(
     from provision.image.manifest import write_release
 
     node.print_boot()
-    service = LiveService(lab.site.nodes, lab.settings(tmp_path / "service"))
-    services.append(service)
+    service, script, root = service_and_agent(lab, tmp_path, services)
     url = service.start()
-    script, _ = render_agent(tmp_path / "libexec")
-    root = tmp_path / "root"
-    (root / "etc").mkdir(parents=True)
+    (root / "etc").mkdir()
     write_release(root, "compute-debian12", "20261202-101010")
     agent = Agent(script, url, node, root, failing=("slurmd",))
     agent.wait_for("provision: join reported failed (compute-debian12/20261202-101010)", timeout=60)

@@ -133,12 +133,7 @@ class Rollout:
         fresh = [n for n in wave if state.nodes[n].phase is NodePhase.PENDING]
         if fresh:
             self.backend.assign_version(fresh, state.version)
-            joins = self.joins()
-            for name in fresh:
-                record = joins.get(name)
-                state.nodes[name].old_boot = record.boot_id if record else None
-                self._reach(name, NodePhase.ASSIGNED, f"boots {self.target} from its next boot")
-            self._save()
+            self._before_reboot(fresh, NodePhase.ASSIGNED, lambda _: f"boots {self.target} from its next boot")
         for name in [n for n in wave if state.nodes[n].phase is NodePhase.ASSIGNED]:
             self._request_reboot(name)
         while True:
@@ -168,6 +163,14 @@ class Rollout:
         state.message = f"stopped: {', '.join(failed)} failed and went back to the version it booted before"
         self._save()
         return False
+
+    def _before_reboot(self, names: Sequence[str], phase: NodePhase, detail: Callable[[str], str]) -> None:
+        """Note each node's current boot (the join service's view: a new one means it rebooted), then ``phase``."""
+        joins = self.joins()
+        for name in names:
+            record = joins.get(name)
+            self.state.nodes[name].old_boot = record.boot_id if record else None
+            self._reach(name, phase, detail(name))
 
     def _request_reboot(self, name: str) -> None:
         node = self._slurm_nodes([name]).get(name)
@@ -264,12 +267,7 @@ class Rollout:
     def _roll_back(self, names: Sequence[str]) -> None:
         state = self.state
         self._pin_previous(names)
-        joins = self.joins()
-        for name in names:
-            record = joins.get(name)
-            state.nodes[name].old_boot = record.boot_id if record else None
-            self._reach(name, NodePhase.ROLLING_BACK, f"back to {state.image}/{state.nodes[name].previous}")
-        self._save()
+        self._before_reboot(names, NodePhase.ROLLING_BACK, lambda n: f"back to {state.image}/{state.nodes[n].previous}")
         errors = self._power_cycle(names)
         following = {}
         for name in names:
