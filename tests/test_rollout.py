@@ -9,7 +9,8 @@ RebootProgram reboot the nodes; each rejoins through its join agent.
 * A → B, ``--canary 1 --max-unavailable 1``: a job starts on the next wave's
   node while the canary finishes; that node is drained at once and rebooted
   only after the job ends (it completes, never cancelled). ``provision`` is
-  killed (SIGKILL) while it waits; ``--resume`` finishes the rollout. Every
+  killed (SIGKILL) while it waits; ``--resume`` finishes the rollout (and
+  runs ``--verify``, a Slurm job on each node, as the first run asked). Every
   node ends on B (read on the node), idle; ``sinfo``, sampled every 2 s, never
   shows more than one node out.
 * B → C: the canary's slurmd does not start; its agent reports it, the canary
@@ -134,7 +135,8 @@ def test_rollout_canary_waves_resume_and_rollback(shared_rack: SharedRack, tmp_p
     sampler.start()
     log = tmp_path / "rollout-b.log"
     argv = rollout_argv(lab, IMAGE, version_b.version, "--rack", "r1", "--canary", "1", "--max-unavailable", "1",
-                        "--batch-wait", "20s", "--json")  # fmt: skip
+                        "--batch-wait", "20s", "--json",
+                        "--verify", f"grep -qx PROVISION_VERSION={version_b.version} /etc/provision-release")  # fmt: skip
     with open(log, "w") as stderr:
         killed = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
     try:
@@ -161,6 +163,7 @@ def test_rollout_canary_waves_resume_and_rollback(shared_rack: SharedRack, tmp_p
     print_times(result)
     assert result["status"] == "done"
     assert {n["name"]: n["phase"] for n in result["nodes"]} == dict.fromkeys(names, "done")
+    assert all("check" in n["seconds"] for n in result["nodes"])  # --verify ran as a Slurm job on each node
     target = f"{IMAGE}/{version_b.version}"
     known_hosts = tmp_path / "known_hosts"
     for name in names:
