@@ -877,20 +877,14 @@ def _site_problems(nodes: list[Node], network: Any, rack_of: dict[str, list[str]
 
 def _backend_problems(settings: SiteSettings) -> list[Problem]:
     """The site's boot settings as its chosen backend reads them (the same parser `boot serve` runs)."""
-    from provision.boot.base import BackendName
-    from provision.boot.builtin.config import BuiltinConfig
+    from provision.boot.base import check_backend_settings
     from provision.errors import ProvisionError
-    from provision.grendel import GrendelSettings
 
-    # Each backend's settings parser, without connecting: `grendel export` works with no API configured.
-    parsers: dict[BackendName, Callable[[Any], object]] = {
-        BackendName.BUILTIN: BuiltinConfig.from_vars,
-        BackendName.GRENDEL: GrendelSettings.from_config,
-    }
     if not settings.network:
         return []  # reported once, above
     try:
-        parsers[BackendName(settings.boot_backend)](settings.backend_vars())
+        # Each backend's own settings parser, without connecting: `grendel export` works with no API configured.
+        check_backend_settings(settings.boot_backend, settings.backend_vars())
     except ProvisionError as exc:
         field_name, _, message = exc.message.partition(": ")
         if not message or " " in field_name:

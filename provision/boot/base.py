@@ -15,7 +15,7 @@ returned (MAC case and separators, bare vs. CIDR addresses, tag order).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -130,13 +130,7 @@ class BootImage:
         object.__setattr__(self, "cmdline", self.cmdline or "")
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "kernel": self.kernel,
-            "initrds": list(self.initrds),
-            "squashfs": self.squashfs,
-            "cmdline": self.cmdline,
-        }
+        return {**asdict(self), "initrds": list(self.initrds)}
 
 
 @dataclass(frozen=True)
@@ -417,6 +411,18 @@ class BootBackend(Protocol):
         ...
 
 
+def summary_of(backend: BootBackend, hosts: Sequence[BootHost], images: Mapping[str, Any]) -> dict[str, Any]:
+    """What every backend's ``summary`` starts with (``provision boot status --json``)."""
+    return {
+        "backend": backend.name,
+        "describe": backend.describe(),
+        "services": [s.as_dict() for s in backend.status()],
+        "hosts": len(hosts),
+        "provisioning": sorted(h.name for h in hosts if h.provision),
+        "images": dict(images),
+    }
+
+
 # --------------------------------------------------------------------------
 # Sync: the same plan for every backend
 
@@ -493,11 +499,32 @@ _REGISTRY: dict[str, str] = {
     BackendName.GRENDEL: "provision.boot.grendel:GrendelBackend",
     BackendName.BUILTIN: "provision.boot.builtin:BuiltinBackend",
 }
+#: name -> its settings parser ("module:Class.method"), run without connecting (`inventory check`).
+_SETTINGS: dict[str, str] = {
+    BackendName.GRENDEL: "provision.grendel:GrendelSettings.from_config",
+    BackendName.BUILTIN: "provision.boot.builtin.config:BuiltinConfig.from_vars",
+}
 
 
 class BackendFactory(Protocol):
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> BootBackend: ...
+
+
+def _lookup(table: Mapping[str, str], name: str) -> Any:
+    """The object ``table`` names for backend ``name`` (imported now); BootError naming the variable if unknown."""
+    import importlib
+
+    try:
+        target = table[BackendName(str(name).lower())]
+    except ValueError:
+        known = ", ".join(b.value for b in BackendName)
+        raise BootError(f"provision_boot_backend: unknown boot backend {name!r}", hint=f"use one of: {known}") from None
+    module_name, _, attribute = target.partition(":")
+    found: Any = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        found = getattr(found, part)
+    return found
 
 
 def get_backend(name: str, config: Mapping[str, Any]) -> BootBackend:
@@ -510,16 +537,14 @@ def get_backend(name: str, config: Mapping[str, Any]) -> BootBackend:
     own keys (``BackendClass.from_config(config)``) and raises BootError naming
     a bad variable.
     """
-    import importlib
-
-    try:
-        target = _REGISTRY[BackendName(str(name).lower())]
-    except ValueError:
-        known = ", ".join(b.value for b in BackendName)
-        raise BootError(f"provision_boot_backend: unknown boot backend {name!r}", hint=f"use one of: {known}") from None
-    module_name, _, class_name = target.partition(":")
-    cls: BackendFactory = getattr(importlib.import_module(module_name), class_name)
+    cls: BackendFactory = _lookup(_REGISTRY, name)
     return cls.from_config(config)
+
+
+def check_backend_settings(name: str, config: Mapping[str, Any]) -> None:
+    """Read backend ``name``'s settings from ``config`` as ``get_backend`` would, without connecting;
+    raises the backend's error naming the variable."""
+    _lookup(_SETTINGS, name)(config)
 
 
 def site_hosts(

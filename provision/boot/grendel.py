@@ -41,6 +41,7 @@ from provision.boot.base import (
     ServiceStatus,
     check_image_name,
     site_hosts,
+    summary_of,
     sync_hosts,
 )
 from provision.errors import BootError
@@ -123,15 +124,8 @@ class GrendelBackend:
         return [ServiceStatus("grendel", True, None, f"{self.client.known_api} API at {self.settings.where}")]
 
     def summary(self) -> dict[str, Any]:
-        hosts = self.list_hosts()
-        return {
-            "backend": self.name,
-            "describe": self.describe(),
-            "services": [s.as_dict() for s in self.status()],
-            "hosts": len(hosts),
-            "provisioning": sorted(h.name for h in hosts if h.provision),
-            "images": {i.name: {"active": "registered", "versions": []} for i in self.list_images()},
-        }
+        images = {i.name: {"active": "registered", "versions": []} for i in self.list_images()}
+        return summary_of(self, self.list_hosts(), images)
 
     def boot_events(self, hosts: Sequence[BootHost] = ()) -> list[BootEvent]:
         """Grendel's logs are on its own server: no events here."""

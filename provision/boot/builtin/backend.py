@@ -31,6 +31,7 @@ from provision.boot.base import (
     check_host_name,
     check_image_name,
     site_hosts,
+    summary_of,
     sync_hosts,
 )
 from provision.boot.builtin import registry
@@ -129,18 +130,8 @@ class BuiltinBackend(Layout):
 
     def summary(self) -> dict[str, Any]:
         reg = self._read()
-        return {
-            "backend": self.name,
-            "describe": self.describe(),
-            "services": [s.as_dict() for s in self.status()],
-            "hosts": len(reg.hosts),
-            "provisioning": sorted(h.name for h in reg.hosts.values() if h.provision),
-            "images": {
-                name: {"active": reg.active.get(name), "versions": sorted(vs)}
-                for name, vs in sorted(reg.versions.items())
-            },
-            "pinned": dict(sorted(reg.pinned.items())),
-        }
+        images = {n: {"active": reg.active.get(n), "versions": sorted(vs)} for n, vs in sorted(reg.versions.items())}
+        return {**summary_of(self, list(reg.hosts.values()), images), "pinned": dict(sorted(reg.pinned.items()))}
 
     def boot_events(self, hosts: Sequence[BootHost] = ()) -> list[BootEvent]:
         """The DHCP/TFTP/HTTP timeline so far, from dnsmasq's and nginx's logs (``provision.boot.events``)."""

@@ -12,7 +12,7 @@ import fcntl
 import json
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,13 +81,7 @@ class ImageVersionRecord:
                 raise BootError(f"image {name} {self.version}: {path} does not exist", hint="publish the image again")
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "kernel": self.kernel,
-            "initrds": list(self.initrds),
-            "squashfs": self.squashfs,
-            "cmdline": self.cmdline,
-        }
+        return {**asdict(self), "initrds": list(self.initrds)}
 
 
 @dataclass
