@@ -8,6 +8,7 @@ that prints such lines (the real one answers in tests/test_rollout.py).
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from test_boot_builtin import IMAGE, V1, V2, builtin_backend, make_inventory, ma
 
 from provision import inventory
 from provision.errors import RolloutError
+from provision.kube import Kubectl, KubeError
 from provision.rollout import RolloutRequest, make_plan
 from provision.rollout.plan import max_out
 from provision.service.state import NodeRecord
@@ -131,3 +133,43 @@ def test_nodes_already_on_the_version_are_skipped(site: inventory.Site, tmp_path
     )  # fmt: skip
     assert plan.skipped == ("node01",)
     assert [n for w in plan.waves for n in w] == ["node02", "node03", "node04"]
+
+
+def fake_kubectl(tmp_path: Path, ready: dict[str, bool]) -> Kubectl:
+    """``kubectl`` that answers ``get nodes -o json`` (the fields the plan reads) and records every call;
+    a real k0s controller cannot be reached from these machines."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    tool = tmp_path / "kubectl"
+    items = [{"metadata": {"name": n}, "status": {"conditions": [{"type": "Ready", "status": str(r)}]}}
+             for n, r in ready.items()]  # fmt: skip
+    (tmp_path / "nodes.json").write_text(json.dumps({"kind": "List", "items": items}))
+    tool.write_text(f'#!/bin/sh\necho "$*" >> "{tmp_path}/calls"\n'
+                    f'[ "$1" = get ] && exec cat "{tmp_path}/nodes.json"\nexit 0\n')  # fmt: skip
+    tool.chmod(0o755)
+    return Kubectl((str(tool),))
+
+
+def test_k0s_nodes_must_be_ready(site: inventory.Site, tmp_path: Path) -> None:
+    slurm = fake_scontrol(tmp_path / "s", dict.fromkeys(NODES, "IDLE"))
+    backend = builtin_backend(site)
+    request = RolloutRequest(IMAGE, V2)
+    absent = fake_kubectl(tmp_path / "a", {"node01": True, "node02": True, "node03": True})
+    with pytest.raises(RolloutError, match="node04: not in the k0s cluster"):
+        make_plan(site, site.nodes, request, backend=backend, slurm=slurm, joins={}, kube=absent)
+    unready = fake_kubectl(tmp_path / "u", {**dict.fromkeys(NODES, True), "node02": False})
+    with pytest.raises(RolloutError, match="node02: not Ready in k0s"):
+        make_plan(site, site.nodes, request, backend=backend, slurm=slurm, joins={}, kube=unready)
+    fine = fake_kubectl(tmp_path / "f", dict.fromkeys(NODES, True))
+    assert len(make_plan(site, site.nodes, request, backend=backend, slurm=slurm, joins={}, kube=fine).waves) == 4
+    fine.drain("node01", timeout=300)
+    fine.uncordon("node01")
+    calls = (tmp_path / "f" / "calls").read_text().splitlines()
+    assert calls == ["get nodes -o json", "cordon node01",
+                     "drain node01 --ignore-daemonsets --delete-emptydir-data --timeout=300s", "uncordon node01"]  # fmt: skip
+
+
+@pytest.mark.parametrize("value", ["kubectl", [""], [1]])
+def test_provision_kubectl_must_be_a_command_line(value: object) -> None:
+    with pytest.raises(KubeError, match="provision_kubectl"):
+        Kubectl.from_vars({"provision_kubectl": value})
+    assert Kubectl.from_vars({}) is None

@@ -18,6 +18,7 @@ from provision.cli.context import AppContext, emit_json, pass_app
 from provision.cli.options import Duration, dry_run, get_selection, json_output, selection
 from provision.errors import RolloutError
 from provision.inventory import Node, Site
+from provision.kube import Kubectl
 from provision.rollout import NodePhase, RolloutRequest, RolloutState, RolloutStore, make_plan
 from provision.rollout.runner import Rollout, new_state
 from provision.rollout.state import RolloutStatus
@@ -131,6 +132,12 @@ def rollout_cmd(
     """
     site = app.site
     store = RolloutStore(site.state_dir)
+    kube = Kubectl.from_vars(site.settings.variables)
+    if kube is None and (
+        site.settings.get("k0s_controller_host") or str(site.settings.get("join_k0s")).lower() == "true"
+    ):
+        raise RolloutError("the nodes join k0s here but provision_kubectl is not set: they would not be drained in k0s",
+                           hint='set provision_kubectl to how this host runs kubectl, e.g. ["k0s", "kubectl"]')  # fmt: skip
     backend = backend_for(site)
     slurm = Slurm(site.settings.slurm_bin_dir)
     joins = _joins(site)
@@ -152,14 +159,14 @@ def rollout_cmd(
             request = RolloutRequest(image=image, version=version, canary=canary, max_unavailable=max_unavailable,
                                      batch_wait=batch_wait, timeout=timeout, deadline=deadline, verify=verify)  # fmt: skip
             _check_join_service(site)
-            plan = make_plan(site, nodes, request, backend=backend, slurm=slurm, joins=joins())
+            plan = make_plan(site, nodes, request, backend=backend, slurm=slurm, joins=joins(), kube=kube)
             if dry_run:
                 _print_plan(plan.as_dict(), as_json)
                 return
             state = new_state(plan, request)
         store.lock()
         by_name: dict[str, Node] = {n.name: n for n in nodes}
-        rollout = Rollout(state, by_name, backend=backend, slurm=slurm, joins=joins, store=store,
+        rollout = Rollout(state, by_name, backend=backend, slurm=slurm, joins=joins, store=store, kube=kube,
                           progress=LineProgress())  # fmt: skip
         try:
             with _signals_stop():

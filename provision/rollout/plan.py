@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from provision.errors import RolloutError
 from provision.image.store import ImageStore
+from provision.kube import Kubectl
 from provision.names import is_exact_image_name, is_version
 from provision.slurm import Slurm, SlurmNode
 
@@ -96,6 +97,7 @@ def make_plan(
     backend: BootBackend,
     slurm: Slurm,
     joins: Mapping[str, NodeRecord],
+    kube: Kubectl | None = None,
 ) -> Plan:
     """Check the request; the waves, canaries first. Raises RolloutError (nothing changed) when unsafe."""
     if not nodes:
@@ -126,6 +128,16 @@ def make_plan(
     if out:
         raise RolloutError(f"not in service: {'; '.join(out)}",
                            hint="a rollout starts from nodes in service: resume or fix them, or leave them out")  # fmt: skip
+    if kube is not None:
+        ready = kube.ready(names)
+        absent = [n for n in names if n not in ready]
+        if absent:
+            raise RolloutError(f"{', '.join(absent)}: not in the k0s cluster",
+                               hint="join them to k0s first, or leave provision_kubectl unset")  # fmt: skip
+        unready = [n for n in names if not ready[n]]
+        if unready:
+            raise RolloutError(f"{', '.join(unready)}: not Ready in k0s",
+                               hint="a rollout starts from nodes in service: fix them or leave them out")  # fmt: skip
     current = backend.next_versions(names)
     missing = [n for n in names if n not in current]
     if missing:

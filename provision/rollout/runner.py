@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from provision.console import ConsoleLog
+from provision.kube import Kubectl, KubeError
 from provision.rollout.plan import Plan, RolloutRequest
 from provision.rollout.state import FINAL, IN_FLIGHT, NodePhase, NodeRollout, RolloutState, RolloutStatus, RolloutStore
 from provision.slurm import Slurm, SlurmError, SlurmNode
@@ -70,6 +71,7 @@ class Rollout:
         slurm: Slurm,
         joins: Callable[[], Mapping[str, NodeRecord]],
         store: RolloutStore,
+        kube: Kubectl | None = None,
         progress: Progress | None = None,
         poll: float = 2.0,
     ) -> None:
@@ -77,6 +79,7 @@ class Rollout:
         self.nodes = nodes
         self.backend = backend
         self.slurm = slurm
+        self.kube = kube
         self.joins = joins
         self.store = store
         self.progress = progress or NullProgress()
@@ -177,6 +180,11 @@ class Rollout:
         if node is not None and ({"REBOOT_REQUESTED", "REBOOT_ISSUED"} & node.flags):
             self._reach(name, NodePhase.WAITING, "reboot already requested in Slurm")  # a resumed rollout
             return
+        if self.kube is not None:  # pods leave first; Slurm's jobs are waited for below
+            try:
+                self.kube.drain(name, timeout=self.timeout)
+            except KubeError as exc:
+                return self._fail(name, f"k0s drain: {exc.message}")
         if node is not None and node.usable:
             self.slurm.reboot_asap([name], f"provision rollout {self.target}")
             self._reach(name, NodePhase.WAITING, "drained; Slurm reboots it once its jobs end")
@@ -211,7 +219,7 @@ class Rollout:
                     return self._fail(name, f"booted {rec.release or 'an image without /etc/provision-release'}, "
                                             f"not {self.target}")  # fmt: skip
                 self._reach(name, NodePhase.JOINED, f"booted {rec.release}, joined by itself")
-        if rec.phase is NodePhase.JOINED and slurm is not None and slurm.usable:
+        if rec.phase is NodePhase.JOINED and slurm is not None and slurm.usable and self._kube_back(name):
             self._reach(name, NodePhase.RESUMED, f"back in service ({slurm.state})")
             if self.verify:
                 ok, output = self.slurm.run_on(name, self.verify, timeout=min(300.0, self.timeout))
@@ -226,6 +234,19 @@ class Rollout:
             return self._fail(name, f"not back in service {self.timeout:.0f} s after its reboot "
                                     f"(last step: {rec.phase.value}{where})")  # fmt: skip
         return None
+
+    def _kube_back(self, name: str) -> bool:
+        """k0s (when configured): Ready again, then uncordoned. A failed query is asked again at the next poll."""
+        if self.kube is None:
+            return True
+        try:
+            if not self.kube.ready([name]).get(name):
+                return False
+            self.kube.uncordon(name)
+        except KubeError as exc:
+            self.progress.message(f"{name}: {exc.message} (asking again)")
+            return False
+        return True
 
     @staticmethod
     def _timing(rec: NodeRollout) -> str:
@@ -252,6 +273,11 @@ class Rollout:
                 self.progress.message(f"{', '.join(spared)}: {exc.message}")
         self._pin_previous(spared)
         for name in spared:
+            if self.kube is not None:
+                try:
+                    self.kube.uncordon(name)
+                except KubeError as exc:
+                    self.progress.message(f"{name}: {exc.message}")
             self.state.nodes[name].phase = NodePhase.PENDING
             self.progress.phase(name, NodePhase.PENDING, "left on its version (reboot cancelled)")
         self._save()
@@ -284,7 +310,7 @@ class Rollout:
                 back = join is not None and join.boot_id != rec.old_boot and report.get("boot_id") == join.boot_id
                 wanted = f"{state.image}/{rec.previous}"
                 if back and report.get("status") == "joined" and report.get("release") == wanted:
-                    if node is not None and node.usable:
+                    if node is not None and node.usable and self._kube_back(name):
                         self._end_rollback(name, True, f"on {wanted} again, in service ({node.state})")
                         del following[name]
                         continue
