@@ -129,13 +129,21 @@ def mounted_squashfs(squashfs: Path, mountpoint: Path) -> Iterator[Path]:
 def shared_rack(compute_image: ImageVersion, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The run's one 3-node virtual rack on compute-debian12 (tests/vmlab.py), for the scenarios that share it;
     ``lab down`` at the end of the run must leave nothing behind."""
+    import shutil
+    import tempfile
+
     from image_versions import private_store
     from vmlab import SharedRack
 
-    root = tmp_path_factory.mktemp("rack")
+    # Outside pytest's base directory: another pytest session on this machine makes that 0700 again, and the
+    # boot server's unprivileged workers could no longer reach the rack's web root. In the same temporary
+    # directory as pytest's (one filesystem: the private store is hard links).
+    root = Path(tempfile.mkdtemp(prefix="provision-rack-"))
+    root.chmod(0o755)
     # A store of its own (hard links): the versions the rollout scenarios derive never become the run's current.
     rack = SharedRack(root, private_store(compute_image, root / "store").root)
     try:
         yield rack
     finally:
         rack.down()
+        shutil.rmtree(root)
