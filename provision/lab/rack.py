@@ -235,6 +235,8 @@ class Rack:
         """Build the rack (machines stay off); on failure remove what was built and raise."""
         if os.geteuid() != 0:
             raise RackError("provision lab up needs root", hint="network namespaces and taps need CAP_NET_ADMIN")
+        if config.bmc is BmcKind.REDFISH and redfishsim.find_emulator() is None:
+            raise RackError("--bmc redfish: sushy-emulator is not installed", hint=redfishsim.EMULATOR_HINT)
         if self._record():
             raise RackError(f"a virtual rack is already recorded in {self.root}", hint="run `provision lab down` first")
         if netns_exists(config.netns):
