@@ -20,6 +20,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from conftest import requires
@@ -35,6 +36,8 @@ needs_root = requires(os.geteuid() == 0, "namespaces need root; CI runs the suit
 
 def provision(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), **(env_extra or {})}
+    if "PYTHONPATH" in os.environ:  # a checkout run without installing it: the CLI imports the same code
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     return subprocess.run(
         [PROVISION, *args], env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
     )
@@ -107,6 +110,108 @@ def test_down_without_a_rack_is_a_no_op(tmp_path: Path) -> None:
     (tmp_path / "mine.txt").write_text("kept")
     assert Rack(tmp_path).down() == []
     assert (tmp_path / "mine.txt").read_text() == "kept"
+
+
+@pytest.mark.parametrize(
+    ("system", "action"),
+    [
+        ({"power_state": "Off"}, "off"),
+        ({"power_state": "On", "pending_power": None}, "on"),
+        ({"power_state": "Off", "pending_power": {"power_state": "On", "apply_time": 1}}, "on"),
+        ({"power_state": "On", "pending_power": {"power_state": "Off", "apply_time": 1}}, "off"),
+        ({"power_state": "Off", "pending_power": {"power_state": "ForceRestart", "apply_time": 1}}, "restart"),
+    ],
+)
+def test_redfish_notification_plan(system: dict[str, object], action: str) -> None:
+    """The power a notified system is in or heads to (a pending change counts at once)."""
+    from provision.lab.redfishsim import plan
+
+    assert plan({"name": "r1n01", **system}) == action
+
+
+class _SleepMachine:
+    """Stands in for provision.lab.vm.Machine: a process in its own session, and the boot it was given."""
+
+    boots: ClassVar[list[object]] = []
+
+    def __init__(self, spec: MachineSpec) -> None:
+        self.spec = spec
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, boot: object = None) -> None:
+        _SleepMachine.boots.append(boot)
+        self._proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+
+def test_redfish_notifications_drive_the_chassis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the receiver does with the emulator's notifications, through provision.lab.chassis (pids, history)."""
+    from provision.lab import chassis, vm
+    from provision.lab.redfishsim import apply
+
+    monkeypatch.setattr(vm, "Machine", _SleepMachine)
+    monkeypatch.setattr(_SleepMachine, "boots", [])
+    spec = MachineSpec(name="r1n01", workdir=tmp_path, nics=(Nic(mac="52:54:00:99:00:01", tap="ltr101"),))
+    chassis.write_spec(tmp_path, "r1n01", machine_spec_to_json(spec))
+    system = {"name": "r1n01", "power_state": "Off", "boot_device": "Pxe"}
+    pending_on = {"power_state": "On", "apply_time": 100}
+    restart = {"power_state": "ForceRestart", "apply_time": 200}
+    assert apply(tmp_path, {**system, "boot_mode": "Legacy"}) == ["boot Pxe"]
+    assert apply(tmp_path, {**system, "pending_power": pending_on}) == ["on"]
+    first = chassis.load(tmp_path, "r1n01")["pid"]
+    assert pid_alive(first)
+    assert apply(tmp_path, {**system, "power_state": "On"}) == []  # the pending change applied: nothing to do
+    assert apply(tmp_path, {**system, "pending_power": restart}) == ["restart"]
+    assert apply(tmp_path, {**system, "pending_power": restart, "boot_mode": "UEFI"}) == []  # the same restart
+    second = chassis.load(tmp_path, "r1n01")["pid"]
+    assert second != first and pid_alive(second) and not pid_alive(first)
+    assert apply(tmp_path, {**system, "power_state": "On", "boot_device": "Hdd"}) == ["boot Hdd"]
+    hdd = {**system, "boot_device": "Hdd"}
+    assert apply(tmp_path, {**hdd, "power_state": "On", "pending_power": {"power_state": "Off"}}) == ["off"]
+    assert not pid_alive(second)
+    assert apply(tmp_path, {**hdd, "pending_power": pending_on}) == ["on"]
+    chassis.power_off(chassis.load(tmp_path, "r1n01"))
+    assert chassis.load(tmp_path, "r1n01")["history"] == ["boot Pxe", "on", "restart", "boot Hdd", "off", "on"]
+    assert _SleepMachine.boots == [BootFrom.NETWORK, BootFrom.NETWORK, BootFrom.DISK]
+
+
+def test_lab_pki_and_htpasswd(tmp_path: Path) -> None:
+    """The lab's BMC certificate (signed by a CA whose key is gone), its fingerprint, the bcrypt htpasswd (0600)."""
+    import bcrypt
+
+    from provision.lab.redfishsim import make_pki, write_htpasswd
+
+    pki = make_pki(tmp_path / "pki")
+    assert sorted(p.name for p in (tmp_path / "pki").iterdir()) == ["bmc.key", "bmc.pem", "ca.pem"]
+    assert stat.S_IMODE(pki.key.stat().st_mode) == 0o600
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(pki.ca), str(pki.cert)], capture_output=True)
+    assert verify.returncode == 0, verify.stderr
+    shown = subprocess.run(
+        ["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", str(pki.cert)], capture_output=True, text=True
+    ).stdout
+    assert shown.strip().split("=", 1)[1].replace(":", "").lower() == pki.fingerprint
+    htpasswd = tmp_path / "htpasswd"
+    write_htpasswd(htpasswd, "admin", "s3cret-Pw")
+    assert stat.S_IMODE(htpasswd.stat().st_mode) == 0o600
+    user, digest = htpasswd.read_text().strip().split(":", 1)
+    assert user == "admin" and bcrypt.checkpw(b"s3cret-Pw", digest.encode()) and "s3cret" not in digest
+
+
+def test_redfish_lab_without_the_emulator_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No sushy-emulator: one error with the way out, before anything is built."""
+    from provision.lab import redfishsim
+    from provision.lab.rack import BmcKind
+
+    if os.geteuid() != 0:
+        pytest.fail("missing prerequisite: root (the suite runs as root)")
+    monkeypatch.setattr(redfishsim, "find_emulator", lambda: None)
+    with pytest.raises(RackError, match="--bmc redfish: sushy-emulator is not installed") as raised:
+        Rack(tmp_path / "lab").up(RackConfig(nodes=1, netns=f"provtest-{uuid.uuid4().hex[:6]}", bmc=BmcKind.REDFISH))
+    assert "sushy-tools" in (raised.value.hint or "")
+    assert not (tmp_path / "lab").exists()
 
 
 # -- integration: the real rack ------------------------------------------------------
@@ -310,6 +415,106 @@ def test_lab_with_openipmi_bmcs_powers_qemu(tmp_path: Path) -> None:
     _ok(down)
     assert f"bmc:{sim_pid}" in json.loads(down.stdout)["removed"]
     assert not pid_alive(sim_pid)
+    assert not Path(f"/run/netns/{netns}").exists() and not state.exists()
+    assert not Rack(state).qemu_pids()
+    again = _ok(provision("lab", "down", "--state-dir", str(state), "--json"))
+    assert json.loads(again.stdout)["removed"] == []
+
+
+@pytest.mark.integration
+@needs_root
+def test_lab_with_redfish_bmc_powers_qemu(tmp_path: Path) -> None:
+    """`lab up --bmc redfish`: sushy-emulator for the rack; bootdev, power on/status/off through it drive QEMU.
+
+    The machine side is checked: the QEMU process (its argv, namespace), its console (iPXE gets DHCP from
+    dnsmasq and its script from the lab's boot server), and its end on power off.
+    """
+    from provision.lab.ipmisim import read_chassis
+
+    state = tmp_path / "lab"
+    netns = f"provtest-{uuid.uuid4().hex[:6]}"
+    args = ("--nodes", "1", "--netns", netns, "--state-dir", str(state), "--json")
+    up = _ok(provision("lab", "up", "--bmc", "redfish", *args))
+    try:
+        info = json.loads(up.stdout)
+        redfish = info["redfish"]
+        assert info["bmc"] == "redfish" and info["vbmc_pid"] is None
+        assert sorted(info["bmc_pids"]) == sorted([redfish["emulator_pid"], redfish["receiver_pid"]])
+        assert info["nodes"][0]["bmc_port"] == redfish["port"]
+        emulator_argv = Path(f"/proc/{redfish['emulator_pid']}/cmdline").read_text().split("\0")
+        assert Path(emulator_argv[1]).name == "sushy-emulator" and "--fake" in emulator_argv
+        inventory = Path(info["inventory"])
+        all_yml = (inventory / "group_vars" / "all.yml").read_text()
+        for line in (
+            "provision_bmc_protocol: redfish",
+            "provision_bmc_redfish_auth: basic",
+            f"provision_bmc_ca_file: {state / 'vbmc' / 'ca.pem'}",
+        ):
+            assert line in all_yml
+        assert "provision_bmc_system_id: r1n01" in (inventory / "hosts.yml").read_text()
+        password = _bmc_password(all_yml, Path(info["vault_password_file"]).read_text().strip())
+        for pid in info["bmc_pids"]:
+            assert password not in Path(f"/proc/{pid}/cmdline").read_text()
+        assert stat.S_IMODE((state / "vbmc").stat().st_mode) == 0o700
+        for secret in ("htpasswd", "bmc.key", "emulator.conf", "receiver.json"):
+            assert stat.S_IMODE((state / "vbmc" / secret).stat().st_mode) == 0o600, secret
+        for path in (state / "vbmc").rglob("*"):
+            if path.is_file():
+                assert password.encode() not in path.read_bytes(), path
+        site = ["-i", str(inventory), "--vault-password-file", info["vault_password_file"]]
+
+        off = json.loads(_ok(provision(*site, "node", "power", "status", "--all", "--json")).stdout)
+        assert off["nodes"][0]["value"] == {"power": "off"}
+        # sushy-emulator keeps every boot override as Continuous: a one-time one is reported as not kept.
+        once = provision(*site, "node", "bootdev", "pxe", "--nodes", "r1n01", "--json")
+        assert once.returncode == 1 and "reads back as pxe (persistent, legacy)" in once.stdout, once.stdout
+        pxe = json.loads(
+            _ok(provision(*site, "node", "bootdev", "pxe", "--persistent", "--nodes", "r1n01", "--json")).stdout
+        )
+        assert pxe["nodes"][0]["value"] == {"device": "pxe", "persistent": True, "uefi": False}
+        assert read_chassis(state / "vbmc", "r1n01")["pid"] is None  # a boot device starts nothing
+
+        _ok(provision(*site, "node", "power", "on", "--nodes", "r1n01"))
+        pid = read_chassis(state / "vbmc", "r1n01")["pid"]
+        assert pid and pid_alive(pid)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        assert Path(cmdline[0]).name == "qemu-system-x86_64" and "mac=52:54:00:99:00:01" in " ".join(cmdline)
+        assert cmdline[cmdline.index("-boot") + 1] == "n"  # the emulator's Pxe
+        assert os.readlink(f"/proc/{pid}/ns/net") == f"net:[{os.stat(f'/run/netns/{netns}').st_ino}]"
+        console = state / "machines" / "r1n01.console.log"
+        expected = "provision: r1n01: image compute-debian12 has no active version"
+        deadline = time.monotonic() + 90
+        while expected not in console.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert expected in console.read_text(errors="replace"), console.read_text(errors="replace")[-500:]
+        # The emulator applies a power change 1 to 11 s after it was asked for (on a read).
+        deadline = time.monotonic() + 20
+        power = "off"
+        while power != "on" and time.monotonic() < deadline:
+            on = json.loads(_ok(provision(*site, "node", "power", "status", "--all", "--json")).stdout)
+            power = on["nodes"][0]["value"]["power"]
+            time.sleep(1)
+        assert power == "on"
+        rack_status = json.loads(_ok(provision("lab", "status", "--state-dir", str(state), "--json")).stdout)
+        assert rack_status["nodes"][0]["qemu_pid"] == pid and rack_status["nodes"][0]["power"] == "on"
+        assert rack_status["redfish"]["emulator_pid"] == redfish["emulator_pid"]
+        assert rack_status["redfish"]["receiver_pid"] == redfish["receiver_pid"]
+        text = _ok(provision("lab", "status", "--state-dir", str(state))).stdout
+        assert f"sushy-emulator https://127.0.0.1:{redfish['port']} pid {redfish['emulator_pid']}" in text
+
+        _ok(provision(*site, "node", "power", "off", "--nodes", "r1n01"))
+        deadline = time.monotonic() + 5
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not pid_alive(pid)
+        assert read_chassis(state / "vbmc", "r1n01")["history"] == ["boot Pxe", "on", "off"]
+    finally:
+        down = provision("lab", "down", "--state-dir", str(state), "--json")
+    _ok(down)
+    removed = json.loads(down.stdout)["removed"]
+    for pid_ in (redfish["emulator_pid"], redfish["receiver_pid"]):
+        assert f"bmc:{pid_}" in removed
+        assert not pid_alive(pid_)
     assert not Path(f"/run/netns/{netns}").exists() and not state.exists()
     assert not Rack(state).qemu_pids()
     again = _ok(provision("lab", "down", "--state-dir", str(state), "--json"))

@@ -20,11 +20,9 @@ does not keep a setting; asking for bios names what the BMC offers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +34,17 @@ from typing import Any
 import pytest
 import requests
 from conftest import requires
+
+from provision.lab.redfishsim import (
+    Pki,
+    emulator_argv,
+    fake_system,
+    free_tcp_ports,
+    make_pki,
+    wait_answering,
+    write_emulator_config,
+    write_htpasswd,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -51,58 +60,6 @@ POWER_SYSTEMS = {"p-on": "Off", "p-off": "On", "p-soft": "On", "p-cycle": "On", 
 POWER_NODES = ",".join(POWER_SYSTEMS)
 
 
-def free_tcp_ports(count: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-@dataclass
-class Pki:
-    ca: Path
-    cert: Path
-    key: Path
-
-    @property
-    def fingerprint(self) -> str:
-        der = subprocess.run(
-            ["openssl", "x509", "-in", str(self.cert), "-outform", "DER"], check=True, capture_output=True
-        ).stdout
-        return hashlib.sha256(der).hexdigest()
-
-
-def make_pki(base: Path) -> Pki:
-    """A CA and a server certificate for 127.0.0.1 it signs."""
-    ca_key, ca, key, csr, cert = (base / n for n in ("ca.key", "ca.pem", "bmc.key", "bmc.csr", "bmc.pem"))
-    openssl(
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-        "-keyout", str(ca_key), "-out", str(ca), "-days", "2", "-subj", "/CN=provision test BMC CA",
-        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign",
-    )  # fmt: skip
-    openssl(
-        "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-        "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1",
-    )  # fmt: skip
-    ext = base / "ext.cnf"
-    ext.write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-    openssl(
-        "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
-        "-out", str(cert), "-days", "2", "-extfile", str(ext),
-    )  # fmt: skip
-    return Pki(ca, cert, key)
-
-
 @dataclass
 class Emulator:
     port: int
@@ -115,41 +72,30 @@ class Emulator:
 
 
 def start_emulator(base: Path, name: str, pki: Pki, systems: dict[str, str]) -> Emulator:
-    import bcrypt
-
     work = base / name
     work.mkdir()
     htpasswd = work / "htpasswd"
-    htpasswd.write_text(f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()}\n")
+    write_htpasswd(htpasswd, USER, PASSWORD)
     fake = [
-        {
-            "uuid": f"00000000-0000-4000-8000-{index:012d}",
-            "name": system,
-            "power_state": power,
-            "nics": [{"mac": f"52:54:00:00:30:{index:02x}", "ip": f"10.30.0.{index}"}],
-        }
+        fake_system(
+            system,
+            f"52:54:00:00:30:{index:02x}",
+            f"10.30.0.{index}",
+            uuid=f"00000000-0000-4000-8000-{index:012d}",
+            power=power,
+        )
         for index, (system, power) in enumerate(systems.items(), start=1)
     ]
     config = work / "emulator.conf"
-    config.write_text(
-        f"SUSHY_EMULATOR_FAKE_SYSTEMS = {fake!r}\n"
-        f"SUSHY_EMULATOR_AUTH_FILE = {str(htpasswd)!r}\n"
-        f"SUSHY_EMULATOR_STATE_DIR = {str(work / 'state')!r}\n"
-    )
+    write_emulator_config(config, systems=fake, auth_file=htpasswd, state_dir=work / "state")
     (port,) = free_tcp_ports(1)
-    argv = [EMULATOR, "--config", str(config), "--fake", "-i", "127.0.0.1", "-p", str(port)]
-    argv += ["--ssl-certificate", str(pki.cert), "--ssl-key", str(pki.key)]
+    argv = emulator_argv(EMULATOR, config, port, pki)
     log = work / "emulator.log"
     with log.open("wb") as out:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     emulator = Emulator(port, process, log)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            requests.get(f"{emulator.url}/redfish/v1/", verify=str(pki.ca), timeout=1)
-            return emulator
-        except requests.RequestException:
-            time.sleep(0.2)
+    if wait_answering(f"{emulator.url}/redfish/v1/", pki.ca, process):
+        return emulator
     process.kill()
     pytest.fail(f"sushy-emulator did not start: {log.read_text()[-2000:]}")
 

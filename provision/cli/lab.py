@@ -80,7 +80,8 @@ def lab() -> None:
     default=BmcKind.PYGHMI.value,
     show_default=True,
     help="BMC implementation in front of the machines: pyghmi (provision's virtual BMCs), "
-    "openipmi (OpenIPMI's ipmi_sim per machine).",
+    "openipmi (OpenIPMI's ipmi_sim per machine), redfish (sushy-tools' sushy-emulator for the rack, "
+    "HTTPS + basic auth, one system per machine).",
 )
 @state_dir_option
 @json_output
@@ -102,7 +103,8 @@ def up(
     (iPXE ROM) on a tap in the namespace, serial console in
     STATE/machines/NAME.console.log; KVM when a short probe shows it can
     run firmware, else TCG (reported). One virtual BMC per machine on
-    127.0.0.1 (real IPMI). The boot server starts without any image; build
+    127.0.0.1 (real IPMI), or with --bmc redfish one sushy-emulator for the
+    rack (Redfish over HTTPS, a system per machine named after it). The boot server starts without any image; build
     and publish one later (`lab down` keeps the image store
     STATE/site/images when it is not empty).
 
@@ -171,6 +173,19 @@ def status(state_dir: Path, as_json: bool) -> None:
     _print_status(info)
 
 
+def _bmc_line(info: dict[str, Any]) -> str:
+    kind = info.get("bmc", "pyghmi")
+    if kind == "redfish":
+        redfish = info.get("redfish", {})
+        return (
+            f"BMCs: sushy-emulator {redfish.get('url', '')} pid {redfish.get('emulator_pid') or 'down'}, "
+            f"notification receiver pid {redfish.get('receiver_pid') or 'down'}"
+        )
+    if kind == "openipmi":
+        return f"BMCs: ipmi_sim pids {', '.join(map(str, info.get('bmc_pids', []))) or 'down'}"
+    return f"virtual BMCs pid {info.get('vbmc_pid') or 'down'}"
+
+
 def _print_status(info: dict[str, Any]) -> None:
     click.echo(f"rack {info['rack']} in netns {info['netns']} (server {info['server_address']}), accel {info['accel']}")
     for node in info["nodes"]:
@@ -179,7 +194,7 @@ def _print_status(info: dict[str, Any]) -> None:
             f"  {node['name']}  {node['ip']}  {node['mac']}  bmc 127.0.0.1:{node['bmc_port']}  {node['power']}{qemu}"
         )
     control = ", ".join(f"{k} {v or 'down'}" for k, v in info.get("control", {}).items())
-    click.echo(f"control node: {control or 'down'}; virtual BMCs pid {info['vbmc_pid'] or 'down'}")
+    click.echo(f"control node: {control or 'down'}; {_bmc_line(info)}")
     boot = info.get("boot", {})
     if boot:
         services = ", ".join(f"{k} {v or 'down'}" for k, v in boot.get("services", {}).items())

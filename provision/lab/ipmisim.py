@@ -4,7 +4,7 @@ One ``ipmi_sim`` process per machine on 127.0.0.1 (its own UDP port), with
 a lan.conf (0600: it holds the BMC password) and a chassis-control script
 that runs ``python -m provision.lab.ipmisim chassis STATE NAME ...``. That
 program keeps the machine's power and boot device beside its spec and
-drives the QEMU process by pid: power 1 starts it in the rack's namespace
+drives the QEMU process by pid (``provision.lab.chassis``): power 1 starts it in the rack's namespace
 (``provision.lab.vm.Machine``, own session, so it outlives the script),
 power 0 kills its process group, reset restarts it through the QEMU
 monitor, the boot device (pxe or default) picks ``-boot n`` or ``-boot c``
@@ -17,19 +17,16 @@ none/pxe/default/cdrom/bios, shutdown 1).
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from provision.files import write_atomic
-from provision.proc import pid_alive, spawn
+from provision.lab import chassis as chassis_state
+from provision.proc import spawn
 
 _CHASSIS_SCRIPT = """#!/bin/sh
 # ipmi_sim's chassis control for {name}: written by `provision lab up --bmc openipmi`.
@@ -37,63 +34,24 @@ PYTHONPATH={pythonpath} exec {python} -m provision.lab.ipmisim chassis {state} {
 """
 
 
-def _paths(state: Path, name: str) -> tuple[Path, Path]:
-    return state / f"{name}.spec.json", state / f"{name}.chassis.json"
-
-
-def _load(state: Path, name: str) -> dict[str, Any]:
-    _, chassis = _paths(state, name)
-    if chassis.exists():
-        data: dict[str, Any] = json.loads(chassis.read_text())
-        return data
-    return {"pid": None, "boot": "none", "history": []}
-
-
-def _machine(state: Path, name: str) -> Any:
-    from provision.lab.vbmc import machine_spec_from_json
-    from provision.lab.vm import Machine
-
-    spec, _ = _paths(state, name)
-    return Machine(machine_spec_from_json(json.loads(spec.read_text())))
-
-
-def _running(data: dict[str, Any]) -> bool:
-    return bool(data.get("pid")) and pid_alive(int(data["pid"]))
-
-
 def _start(state: Path, name: str, data: dict[str, Any]) -> None:
     from provision.lab.vm import BootFrom
 
-    if _running(data):
-        return
-    machine = _machine(state, name)
-    machine.start({"pxe": BootFrom.NETWORK, "default": BootFrom.DISK}.get(data["boot"]))
-    data["pid"] = machine.pid
-    if data["boot"] != "none":
+    boot = {"pxe": BootFrom.NETWORK, "default": BootFrom.DISK}.get(data["boot"])
+    if chassis_state.power_on(state, name, data, boot) and data["boot"] != "none":
         data["boot"] = "none"  # ipmi_sim's overrides are one-time: consumed by this boot
-
-
-def _stop(data: dict[str, Any]) -> None:
-    pid = data.get("pid")
-    if pid and pid_alive(int(pid)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(int(pid), signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while pid_alive(int(pid)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    data["pid"] = None
 
 
 def chassis(state: Path, name: str, args: Sequence[str]) -> int:
     """The chassis-control program ipmi_sim runs (``args`` after the MC address)."""
     if not args:
         return 1
-    data = _load(state, name)
+    data = chassis_state.load(state, name)
     op, rest = args[0], list(args[1:])
     if op == "get":
         for parm in rest:
             if parm == "power":
-                print(f"power:{1 if _running(data) else 0}")
+                print(f"power:{1 if chassis_state.running(data) else 0}")
             elif parm == "boot":
                 print(f"boot:{data['boot']}")
             else:
@@ -108,31 +66,28 @@ def chassis(state: Path, name: str, args: Sequence[str]) -> int:
             if value == "1":
                 _start(state, name, data)
             else:
-                _stop(data)
-        elif parm == "reset" and _running(data):
-            _stop(data)  # QEMU fixes its boot order at start: a reset is a restart
+                chassis_state.power_off(data)
+        elif parm == "reset" and chassis_state.running(data):
+            chassis_state.power_off(data)  # QEMU fixes its boot order at start: a reset is a restart
             _start(state, name, data)
         elif parm == "shutdown":
-            _stop(data)
+            chassis_state.power_off(data)
         elif parm == "boot":
             data["boot"] = value
-    _, path = _paths(state, name)
-    write_atomic(path, json.dumps(data) + "\n")
+    chassis_state.save(state, name, data)
     return 0
 
 
 def read_chassis(state: Path, name: str) -> dict[str, Any]:
     """What a machine's chassis control last recorded: pid, boot device, history."""
-    return _load(state, name)
+    return chassis_state.load(state, name)
 
 
 def start(
     state: Path, name: str, *, port: int, user: str, password: str, machine: dict[str, Any], log_path: Path
 ) -> subprocess.Popen[bytes]:
     """One ipmi_sim for one machine (a ``MachineSpec`` as JSON); the password only in a 0600 lan.conf."""
-    state.mkdir(parents=True, exist_ok=True)
-    spec, _ = _paths(state, name)
-    write_atomic(spec, json.dumps(machine) + "\n")
+    chassis_state.write_spec(state, name, machine)
     script = state / f"{name}.chassis"
     script.write_text(
         _CHASSIS_SCRIPT.format(

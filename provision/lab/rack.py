@@ -58,7 +58,7 @@ import yaml
 
 from provision.errors import ProvisionError
 from provision.files import write_atomic
-from provision.lab import ipmisim
+from provision.lab import ipmisim, redfishsim
 from provision.lab.control import ControlPlane, ControlPlaneConfig, LabNode
 from provision.lab.netns import Netns
 from provision.lab.vbmc import VbmcSpec, free_udp_ports, machine_spec_to_json, read_state, ready_line, serve_process
@@ -92,10 +92,16 @@ class BmcKind(StrEnum):
 
     PYGHMI = "pyghmi"  # provision.lab.vbmc: pyghmi's server classes, one process for all
     OPENIPMI = "openipmi"  # OpenIPMI's ipmi_sim, one per machine (provision.lab.ipmisim)
+    REDFISH = "redfish"  # sushy-tools' sushy-emulator for the rack + its notification receiver (redfishsim)
 
     @property
     def protocol(self) -> str:
-        return "ipmi"
+        return "redfish" if self is BmcKind.REDFISH else "ipmi"
+
+    @property
+    def chassis_by_pid(self) -> bool:
+        """Whether the machines' power is kept by ``provision.lab.chassis`` (not by provision's BMC process)."""
+        return self is not BmcKind.PYGHMI
 
 
 @dataclass(frozen=True)
@@ -229,6 +235,8 @@ class Rack:
         """Build the rack (machines stay off); on failure remove what was built and raise."""
         if os.geteuid() != 0:
             raise RackError("provision lab up needs root", hint="network namespaces and taps need CAP_NET_ADMIN")
+        if config.bmc is BmcKind.REDFISH and redfishsim.find_emulator() is None:
+            raise RackError("--bmc redfish: sushy-emulator is not installed", hint=redfishsim.EMULATOR_HINT)
         if self._record():
             raise RackError(f"a virtual rack is already recorded in {self.root}", hint="run `provision lab down` first")
         if netns_exists(config.netns):
@@ -293,6 +301,9 @@ class Rack:
         self._write_ssh_key()
         if config.bmc is BmcKind.OPENIPMI:
             data["bmc_pids"] = self._start_ipmi_sims(specs, nodes, password)
+        elif config.bmc is BmcKind.REDFISH:
+            data["redfish"] = self._start_redfish(specs, nodes, password)
+            data["bmc_pids"] = self._record().get("bmc_pids", [])
         else:
             data["vbmc_pid"] = self._start_vbmc(specs, nodes, password)
         self._save(data)
@@ -363,6 +374,39 @@ class Rack:
                 time.sleep(0.1)
         return pids
 
+    def _start_redfish(self, specs: list[MachineSpec], nodes: list[dict[str, Any]], password: str) -> dict[str, Any]:
+        pids: list[int] = []
+
+        def record(pid: int) -> None:
+            pids.append(pid)
+            self._save({**self._record(), "bmc_pids": pids})
+
+        lab_nodes = [
+            redfishsim.LabNode(n["name"], n["mac"], n["ip"], machine_spec_to_json(spec))
+            for spec, n in zip(specs, nodes, strict=True)
+        ]
+        try:
+            started = redfishsim.start(
+                self.vbmc_dir,
+                lab_nodes,
+                user=BMC_USER,
+                password=password,
+                log_path=self.root / "vbmc.log",
+                on_pid=record,
+            )
+        except redfishsim.RedfishSimError as exc:
+            raise RackError(exc.message, hint=exc.hint) from exc
+        for node in nodes:
+            node["bmc_port"] = started.port
+        return {
+            "url": f"https://127.0.0.1:{started.port}",
+            "port": started.port,
+            "emulator_pid": started.emulator_pid,
+            "receiver_pid": started.receiver_pid,
+            "ca_file": str(started.pki.ca),
+            "fingerprint": started.pki.fingerprint,
+        }
+
     def _write_inventory(
         self, config: RackConfig, nodes: list[dict[str, Any]], password: str, join_vars: dict[str, Any]
     ) -> None:
@@ -372,6 +416,7 @@ class Rack:
         vault = VaultLib([("default", VaultSecret(vault_password))])
         ciphertext = vault.encrypt(password).decode()
         group = f"rack_{config.rack}"
+        redfish = config.bmc is BmcKind.REDFISH
         hosts = {
             "all": {
                 "children": {
@@ -384,6 +429,7 @@ class Rack:
                                         "provision_ip": n["ip"],
                                         "provision_bmc_address": "127.0.0.1",
                                         "provision_bmc_port": n["bmc_port"],
+                                        **({"provision_bmc_system_id": n["name"]} if redfish else {}),
                                         "provision_console_log": n["console"],
                                         "ansible_host": n["ip"],
                                     }
@@ -409,6 +455,11 @@ class Rack:
             "provision_state_dir": str(self.site_state),
             "provision_bmc_user": BMC_USER,
             "provision_bmc_protocol": config.bmc.protocol,
+            **(
+                {"provision_bmc_redfish_auth": "basic", "provision_bmc_ca_file": str(self.vbmc_dir / "ca.pem")}
+                if redfish
+                else {}
+            ),
             "provision_boot_netns": config.netns,
             "provision_boot_address": config.server_address,
             "provision_boot_interface": config.bridge,
@@ -456,7 +507,7 @@ class Rack:
         kind = BmcKind(data.get("config", {}).get("bmc", BmcKind.PYGHMI))
         for node in data.get("nodes", []):
             try:
-                if kind is BmcKind.OPENIPMI:
+                if kind.chassis_by_pid:
                     power = "on" if qemu.get(node["name"]) else "off"
                 else:
                     power = read_state(self.vbmc_dir, node["name"])["power"]
@@ -478,6 +529,7 @@ class Rack:
             "bmc": str(kind),
             "vbmc_pid": vbmc_pid if vbmc_pid and pid_alive(vbmc_pid) else None,
             "bmc_pids": [p for p in data.get("bmc_pids", []) if pid_alive(p)],
+            **({"redfish": _redfish_status(data["redfish"])} if data.get("redfish") else {}),
             "control": control.status() if control and data.get("control") else {},
             "nodes": nodes,
         }
@@ -506,8 +558,8 @@ class Rack:
         vbmc_pid = data.get("vbmc_pid")
         if vbmc_pid and pid_alive(vbmc_pid) and "provision.lab.vbmc" in _cmdline(vbmc_pid):
             removed += [f"vbmc:{pid}" for pid in _kill([vbmc_pid])]
-        sims = [p for p in data.get("bmc_pids", []) if pid_alive(p) and any("ipmi_sim" in a for a in _cmdline(p)[:1])]
-        removed += [f"bmc:{pid}" for pid in _kill(sims)]
+        bmcs = [p for p in data.get("bmc_pids", []) if pid_alive(p) and _is_bmc_process(_cmdline(p))]
+        removed += [f"bmc:{pid}" for pid in _kill(bmcs)]
         removed += [f"qemu:{pid}" for pid in _kill(self.qemu_pids(), grace=2.0)]
         netns_name = data.get("netns")
         if netns_name:
@@ -538,6 +590,19 @@ class Rack:
         if removed and not any(self.root.iterdir()):
             self.root.rmdir()
         return removed
+
+
+def _is_bmc_process(argv: list[str]) -> bool:
+    """An ipmi_sim, or the Redfish kind's emulator or receiver: the processes ``bmc_pids`` records."""
+    return bool(argv) and (Path(argv[0]).name == "ipmi_sim" or redfishsim.is_ours(argv))
+
+
+def _redfish_status(info: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **info,
+        "emulator_pid": info["emulator_pid"] if pid_alive(info["emulator_pid"]) else None,
+        "receiver_pid": info["receiver_pid"] if pid_alive(info["receiver_pid"]) else None,
+    }
 
 
 def _udp_answers(port: int) -> bool:
