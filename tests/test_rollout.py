@@ -118,7 +118,7 @@ def test_rollout_canary_waves_resume_and_rollback(shared_rack: SharedRack, tmp_p
         ((IMAGE, version_b.version, "--rack", "r1", "--canary", "2"), "--canary 2 takes more nodes out"),
         ((IMAGE, "20990101-000000", "--rack", "r1"), "no version '20990101-000000'"),
         (("no-such-image", "--rack", "r1"), "image no-such-image: unknown"),
-        ((IMAGE, "--nodes", "r9n99"), "no node selected"),
+        ((IMAGE, "--nodes", "r9n99"), "--nodes: not in the inventory: r9n99"),
     ):
         refused = lab.cli("image", "rollout", *args)
         assert refused.returncode == 1, refused.stderr
