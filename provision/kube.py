@@ -39,14 +39,10 @@ class Kubectl:
 
     def _run(self, *args: str, timeout: float | None = None) -> str:
         try:
-            result = proc.run([*self.argv, *args], timeout=timeout or self.timeout, check=False)
+            return proc.output([*self.argv, *args], what=f"kubectl {' '.join(args[:2])}",
+                               timeout=timeout or self.timeout, hint="check provision_kubectl and the k0s controller")  # fmt: skip
         except CommandError as exc:
-            raise KubeError(f"kubectl: {exc.message}", hint="check provision_kubectl") from exc
-        if result.returncode != 0:
-            said = " ".join((result.stderr or result.stdout).split())[:300]
-            raise KubeError(f"kubectl {' '.join(args[:2])}: {said or f'exit {result.returncode}'}",
-                            hint="check the k0s controller (kubectl get nodes)")  # fmt: skip
-        return str(result.stdout)
+            raise KubeError(exc.message, hint=exc.hint) from exc
 
     def ready(self, names: Sequence[str]) -> dict[str, bool]:
         """Ready per named node the cluster knows (an unknown name is absent)."""

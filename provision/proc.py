@@ -74,6 +74,19 @@ def run(
     return proc
 
 
+def output(argv: Sequence[str | os.PathLike[str]], *, what: str, timeout: float, hint: str) -> str:
+    """A client tool's stdout (scontrol, kubectl). CommandError whose message is ``what`` and the tool's own
+    words (cut short) when it cannot run or exits non-zero."""
+    try:
+        result = run(argv, timeout=timeout, check=False, hint=hint)
+    except CommandError as exc:
+        raise CommandError(f"{what}: {exc.message}", hint=exc.hint or hint) from exc
+    if result.returncode != 0:
+        said = " ".join((result.stderr or result.stdout).split())[:300]
+        raise CommandError(f"{what}: {said or f'exit {result.returncode}'}", hint=hint)
+    return str(result.stdout)
+
+
 def spawn(
     argv: Sequence[str | os.PathLike[str]],
     *,

@@ -91,16 +91,11 @@ class Slurm:
 
     def _run(self, tool: str, *args: str, timeout: float | None = None) -> str:
         try:
-            result = proc.run(
-                [self._tool(tool), *args], timeout=timeout or self.timeout, check=False, hint="install Slurm's client"
-            )
+            return proc.output([self._tool(tool), *args], what=f"{tool} {' '.join(args[:2])}",
+                               timeout=timeout or self.timeout, hint="check slurmctld (`scontrol ping`) and "
+                               "provision_slurm_bin_dir")  # fmt: skip
         except CommandError as exc:
-            raise SlurmError(f"{tool}: {exc.message}", hint=exc.hint or "set provision_slurm_bin_dir") from exc
-        if result.returncode != 0:
-            said = " ".join((result.stderr or result.stdout).split())[:300]
-            raise SlurmError(f"{tool} {' '.join(args[:2])}: {said or f'exit {result.returncode}'}",
-                             hint="check slurmctld (`scontrol ping`)")  # fmt: skip
-        return str(result.stdout)
+            raise SlurmError(exc.message, hint=exc.hint) from exc
 
     def nodes(self, names: Sequence[str]) -> dict[str, SlurmNode]:
         """The named nodes slurmctld knows (an unknown name is simply absent)."""

@@ -48,6 +48,7 @@ from typing import Any
 from provision.errors import ProvisionError
 from provision.files import write_atomic
 from provision.lab import chassis
+from provision.lab.vbmc import free_ports
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +69,7 @@ def find_emulator() -> str | None:
 
 
 def free_tcp_ports(count: int, address: str = "127.0.0.1") -> list[int]:
-    """``count`` TCP ports free on ``address`` right now (the kernel picks them)."""
-    socks = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind((address, 0))
-            socks.append(sock)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    return free_ports(count, address, socket.SOCK_STREAM)
 
 
 # -- PKI and credentials ----------------------------------------------------------

@@ -761,18 +761,22 @@ class VbmcFleet:
         self.stop()
 
 
-def free_udp_ports(count: int, address: str = "127.0.0.1") -> list[int]:
-    """``count`` UDP ports free on ``address`` right now (the kernel picks them)."""
+def free_ports(count: int, address: str = "127.0.0.1", kind: socket.SocketKind = socket.SOCK_DGRAM) -> list[int]:
+    """``count`` ports (UDP by default, or ``socket.SOCK_STREAM``) free on ``address`` right now (the kernel picks)."""
     sockets = []
     try:
         for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock = socket.socket(socket.AF_INET, kind)
             sock.bind((address, 0))
             sockets.append(sock)
         return [sock.getsockname()[1] for sock in sockets]
     finally:
         for sock in sockets:
             sock.close()
+
+
+def free_udp_ports(count: int, address: str = "127.0.0.1") -> list[int]:
+    return free_ports(count, address)
 
 
 def make_specs(
