@@ -304,19 +304,22 @@ def bootdev_nodes(
     *,
     persistent: bool = False,
     uefi: bool = False,
+    persistent_will_do: bool = False,
     options: FanoutOptions | None = None,
     **hooks: Any,
 ) -> list[Outcome]:
-    """Set the next boot device of every node and read it back (value: ``BootSetting.as_dict()``)."""
+    """Set the next boot device of every node and read it back (value: ``BootSetting.as_dict()``).
+
+    ``persistent_will_do``: a BMC that keeps a one-time setting as persistent (some Redfish BMCs, sushy-emulator)
+    is fine — what ``node boot`` needs of a stateless node, which network-boots every time anyway.
+    """
 
     def operation() -> Operation:
         wanted = yield from set_boot_operation(device, persistent=persistent, uefi=uefi)
         setting = yield from boot_device_operation()
-        if setting != wanted and not (device == BootDevice.NONE == setting.device):  # acknowledged, not kept
-            raise OperationError(
-                f"boot device reads back as {_describe(setting)} after setting {_describe(wanted)}",
-                hint="the BMC does not keep this boot setting: check its firmware's boot options (or its web UI)",
-            )
+        problem = _not_kept(wanted, setting, device, persistent_will_do)
+        if problem:
+            raise OperationError(problem, hint=KEPT_HINT)
         return setting.as_dict()
 
     def redfish_job(client: RedfishClient) -> dict[str, Any]:
@@ -324,18 +327,24 @@ def bootdev_nodes(
 
         wanted = _setting(redfish.set_boot(client, str(device), persistent=persistent, uefi=uefi))
         setting = _setting(redfish.read_boot(client))
-        _check_kept(client.where, wanted, setting, device)
+        problem = _not_kept(wanted, setting, device, persistent_will_do)
+        if problem:
+            raise BmcError(f"{client.where}: {problem}", hint=KEPT_HINT)
         return setting.as_dict()
 
     return _fan_out(nodes, operation, redfish_job, privileged=True, options=options, **hooks)
 
 
-def _check_kept(where: str, wanted: BootSetting, setting: BootSetting, device: BootDevice) -> None:
-    if setting != wanted and not (device == BootDevice.NONE == setting.device):
-        raise BmcError(
-            f"{where}: boot device reads back as {_describe(setting)} after setting {_describe(wanted)}",
-            hint="the BMC does not keep this boot setting: check its firmware's boot options (or its web UI)",
-        )
+KEPT_HINT = "the BMC does not keep this boot setting: check its firmware's boot options (or its web UI)"
+
+
+def _not_kept(wanted: BootSetting, setting: BootSetting, device: BootDevice, persistent_will_do: bool) -> str:
+    """Why the setting read back is not the one acknowledged ("" when it is, or close enough)."""
+    if setting == wanted or device == BootDevice.NONE == setting.device:
+        return ""
+    if persistent_will_do and setting == BootSetting(wanted.device, persistent=True, uefi=wanted.uefi):
+        return ""
+    return f"boot device reads back as {_describe(setting)} after setting {_describe(wanted)}"
 
 
 def _setting(override: Any) -> BootSetting:

@@ -255,7 +255,7 @@ class NodeBoot:
         opts = self.settings.fanout or fanout_options(len(self.nodes))
         self.start_clock()
         todo = [n for n in self.nodes if not self.progress[n.name].failed]
-        for outcome in bootdev_nodes(todo, BootDevice.PXE, options=opts):
+        for outcome in bootdev_nodes(todo, BootDevice.PXE, persistent_will_do=True, options=opts):
             if not outcome.ok:
                 self.progress[outcome.node].fail(f"BMC: {outcome.error}", outcome.hint or "")
         ready = [n for n in self.nodes if not self.progress[n.name].failed]

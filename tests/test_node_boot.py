@@ -15,6 +15,9 @@ serial console).
   join service down until the node is up) and ``scontrol reboot`` bring the
   nodes back to idle by themselves. (``lab down`` leaving nothing is
   checked when the shared rack goes, at the end of the run.)
+* ``test_a_node_boots_and_joins_through_redfish``: ``lab up --bmc redfish``
+  (sushy-emulator as the BMC): one node powered, PXE-booted and joined to
+  ``idle`` through Redfish.
 * ``test_faults_are_reported_per_node`` (push mode, state dir from
   ``$PROVISION_STATE_DIR``, OpenIPMI ipmi_sim as the BMCs): a dead BMC and a wrong MAC in the inventory; the
   third node still joins over SSH, the two are reported with the stage they
@@ -230,6 +233,25 @@ def test_faults_are_reported_per_node(compute_image: ImageVersion, tmp_path: Pat
         assert "no DHCP request from 52:54:00:99:ff:03" in lost["hint"]
         assert wrong_mac["mac"] in lost["hint"]  # the machine's real MAC, seen by dnsmasq
         assert lost["console_tail"], "the console tail of the node that never booted"
+    finally:
+        lab.down()
+    assert not Path(f"/run/netns/{lab.netns}").exists()
+
+
+@needs_root
+def test_a_node_boots_and_joins_through_redfish(compute_image: ImageVersion, tmp_path: Path) -> None:
+    """One lab boot through Redfish: sushy-tools' sushy-emulator is the BMC (``lab up --bmc redfish``), HTTPS with
+    the lab's CA, basic auth. It keeps a one-time PXE override as persistent, which ``node boot`` accepts (a stateless
+    node network-boots every time); the node powers on, boots and joins by itself to ``idle``."""
+    lab = Lab(tmp_path, 1, compute_image.path.parents[1], bmc="redfish")
+    try:
+        booted = lab.cli("node", "boot", "--rack", "r1", "--join", "--yes", "--json", "--timeout", "900", timeout=1800)
+        assert booted.returncode == 0, booted.stderr[-5000:]
+        report = json.loads(booted.stdout)
+        print(timeline(report, lab.status["accel"]))
+        assert report["summary"] == {"ok": 1, "failed": 0}
+        assert list(report["nodes"][0]["stages"])[-1] == "joined"
+        assert lab.states() == {"r1n01": "idle"}
     finally:
         lab.down()
     assert not Path(f"/run/netns/{lab.netns}").exists()

@@ -339,7 +339,7 @@ class Rollout:
         from provision.bmc import BootDevice, PowerAction, bootdev_nodes, fanout_options, power_nodes
 
         nodes = [self.nodes[n] for n in names]
-        errors = {o.node: o.error or "failed" for o in bootdev_nodes(nodes, BootDevice.PXE,
+        errors = {o.node: o.error or "failed" for o in bootdev_nodes(nodes, BootDevice.PXE, persistent_will_do=True,
                                                                      options=fanout_options(len(nodes))) if not o.ok}  # fmt: skip
         ready = [n for n in nodes if n.name not in errors]
         for outcome in power_nodes(ready, PowerAction.CYCLE, fanout_options(len(ready))) if ready else []:
