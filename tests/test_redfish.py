@@ -273,6 +273,17 @@ def test_boot_override_is_set_and_read_back(rig: Rig) -> None:
         f"BMC 127.0.0.1:{rig.one.port}: boot device reads back as pxe (persistent, UEFI) after setting pxe (once, UEFI)"
     )
     assert rig.only_system()["Boot"]["BootSourceOverrideTarget"] == "Pxe"
+    # What `node boot` asks for: PXE next, and a BMC that keeps it persistent will do (stateless nodes).
+    from provision import inventory
+    from provision.bmc import BootDevice, bootdev_nodes
+
+    os.environ[PASSWORD_ENV] = PASSWORD
+    try:
+        node = inventory.load(rig.inventory).select(nodes="rf1")[0]
+        (outcome,) = bootdev_nodes([node], BootDevice.PXE, uefi=True, persistent_will_do=True)
+    finally:
+        del os.environ[PASSWORD_ENV]
+    assert outcome.ok and outcome.value == {"device": "pxe", "persistent": True, "uefi": True}, outcome
 
     bios = provision(rig.inventory, "node", "bootdev", "bios", "--persistent", "--nodes", "rf1", "--json")
     assert bios.returncode == 1
