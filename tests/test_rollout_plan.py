@@ -173,3 +173,36 @@ def test_provision_kubectl_must_be_a_command_line(value: object) -> None:
     with pytest.raises(KubeError, match="provision_kubectl"):
         Kubectl.from_vars({"provision_kubectl": value})
     assert Kubectl.from_vars({}) is None
+
+
+def test_deadline_stops_waiting_and_kills_nothing(site: inventory.Site, tmp_path: Path) -> None:
+    """A node whose jobs outlast --deadline: the rollout stops (status stopped, saved), the reboot stays requested
+    in Slurm, nothing is cancelled; the node is left waiting for its jobs, for --resume."""
+    from provision.rollout import RolloutStore
+    from provision.rollout.runner import Rollout, new_state
+
+    bin_dir = tmp_path / "slurm-bin"
+    bin_dir.mkdir()
+    (bin_dir / "nodes.txt").write_text("".join(f"NodeName={n} State=ALLOCATED Partitions=lab\n" for n in NODES))
+    (bin_dir / "scontrol").write_text(
+        f'#!/bin/sh\necho "$*" >> "{bin_dir}/calls"\n[ "$2" = show ] && exec cat "{bin_dir}/nodes.txt"\nexit 0\n'
+    )
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = Slurm(bin_dir)
+    backend = builtin_backend(site)
+    request = RolloutRequest(IMAGE, V2, canary=1, deadline=0.5)
+    plan = make_plan(site, site.nodes, request, backend=backend, slurm=slurm, joins={})
+    store = RolloutStore(tmp_path / "state")
+    nodes = {n.name: n for n in site.nodes}
+    state = Rollout(new_state(plan, request), nodes, backend=backend, slurm=slurm, joins=dict, store=store,
+                    poll=0.1).run()  # fmt: skip
+    canary = plan.waves[0][0]
+    assert state.status.value == "stopped" and "--deadline" in state.message and canary in state.message
+    saved = store.load()
+    assert saved is not None and saved.status.value == "stopped"
+    assert saved.nodes[canary].phase.value == "waiting for jobs"
+    assert all(saved.nodes[n].phase.value == "pending" for w in plan.waves[1:] for n in w)
+    calls = (bin_dir / "calls").read_text()
+    assert f"reboot ASAP nextstate=RESUME reason=provision rollout {IMAGE}/{V2} {canary}" in calls
+    assert "cancel" not in calls and "update" not in calls  # nothing forced, nothing undone
+    assert backend.next_versions([canary]) == {canary: V2}  # still pinned: --resume follows it
