@@ -163,8 +163,7 @@ class NodeBoot:
         self.settings = settings or BootSettings()
         self.vault_password_file = vault_password_file
         self.on_update = on_update
-        netns = site.settings.get("provision_boot_netns")
-        self.netns = str(netns) if netns else None
+        self.netns = site.settings.boot_netns
         self.progress = {n.name: NodeProgress(n.name, n.ip, n.mac) for n in self.nodes}
         self.consoles = {n.name: ConsoleLog(Path(n.console_log)) for n in self.nodes if n.console_log}
         self.known_hosts_dir = site.settings.known_hosts_dir

@@ -49,6 +49,7 @@ class SiteSettings:
     boot_backend: str  # provision_boot_backend: builtin | grendel
     mirrors: Mapping[str, str] = field(default_factory=dict)  # provision_mirrors
     slurm_bin_dir: Path | None = None  # provision_slurm_bin_dir: scontrol/srun on this host (None: PATH)
+    boot_netns: str | None = None  # provision_boot_netns: the boot services' network namespace (the lab)
     #: The rest of group_vars/all (rendered; lookups kept as written; no BMC password).
     variables: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -130,5 +131,6 @@ class SiteSettings:
             boot_backend=backend.lower(),
             mirrors=MappingProxyType(dict(mirrors_raw)),
             slurm_bin_dir=slurm_bin_dir,
+            boot_netns=str(variables["provision_boot_netns"]) if variables.get("provision_boot_netns") else None,
             variables=MappingProxyType(rest),
         )

@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 from conftest import requires
@@ -362,18 +362,24 @@ def test_down_when_the_inventory_is_broken(tmp_path: Path) -> None:
     assert not Path(f"/run/netns/{netns}").exists() and not state.exists()
 
 
+def _one_node_lab(tmp_path: Path, bmc: str) -> tuple[Path, str, dict[str, Any]]:
+    """``lab up --nodes 1 --bmc BMC`` in a fresh namespace: its state dir, namespace and --json status."""
+    state = tmp_path / "lab"
+    netns = f"provtest-{uuid.uuid4().hex[:6]}"
+    up = _ok(
+        provision("lab", "up", "--bmc", bmc, "--nodes", "1", "--netns", netns, "--state-dir", str(state), "--json")
+    )
+    return state, netns, json.loads(up.stdout)
+
+
 @pytest.mark.integration
 @needs_root
 def test_lab_with_openipmi_bmcs_powers_qemu(tmp_path: Path) -> None:
     """`lab up --bmc openipmi`: ipmi_sim per machine; node power on/status/off through it start and kill QEMU."""
     from provision.lab.ipmisim import read_chassis
 
-    state = tmp_path / "lab"
-    netns = f"provtest-{uuid.uuid4().hex[:6]}"
-    args = ("--nodes", "1", "--netns", netns, "--state-dir", str(state), "--json")
-    up = _ok(provision("lab", "up", "--bmc", "openipmi", *args))
+    state, netns, info = _one_node_lab(tmp_path, "openipmi")
     try:
-        info = json.loads(up.stdout)
         assert info["bmc"] == "openipmi" and info["vbmc_pid"] is None
         (sim_pid,) = info["bmc_pids"]
         assert Path(f"/proc/{sim_pid}/comm").read_text().strip() == "ipmi_sim"
@@ -431,12 +437,8 @@ def test_lab_with_redfish_bmc_powers_qemu(tmp_path: Path) -> None:
     """
     from provision.lab.ipmisim import read_chassis
 
-    state = tmp_path / "lab"
-    netns = f"provtest-{uuid.uuid4().hex[:6]}"
-    args = ("--nodes", "1", "--netns", netns, "--state-dir", str(state), "--json")
-    up = _ok(provision("lab", "up", "--bmc", "redfish", *args))
+    state, netns, info = _one_node_lab(tmp_path, "redfish")
     try:
-        info = json.loads(up.stdout)
         redfish = info["redfish"]
         assert info["bmc"] == "redfish" and info["vbmc_pid"] is None
         assert sorted(info["bmc_pids"]) == sorted([redfish["emulator_pid"], redfish["receiver_pid"]])

@@ -68,8 +68,7 @@ def _check_join_service(site: Site) -> None:
     if settings.mode is not JoinMode.AGENT:
         raise RolloutError("provision_join_mode is push: rebooted nodes would not rejoin by themselves",
                            hint="roll out with provision_join_mode: agent (the default)")  # fmt: skip
-    netns = site.settings.get("provision_boot_netns")
-    if not tcp_answers(settings.address, settings.port, netns=str(netns) if netns else None):
+    if not tcp_answers(settings.address, settings.port, netns=site.settings.boot_netns):
         raise RolloutError(f"the join service at {settings.url} does not answer",
                            hint="start it: provision service start (or provision boot serve)")  # fmt: skip
 
@@ -133,11 +132,6 @@ def rollout_cmd(
     site = app.site
     store = RolloutStore(site.state_dir)
     kube = Kubectl.from_vars(site.settings.variables)
-    if kube is None and (
-        site.settings.get("k0s_controller_host") or str(site.settings.get("join_k0s")).lower() == "true"
-    ):
-        raise RolloutError("the nodes join k0s here but provision_kubectl is not set: they would not be drained in k0s",
-                           hint='set provision_kubectl to how this host runs kubectl, e.g. ["k0s", "kubectl"]')  # fmt: skip
     backend = backend_for(site)
     slurm = Slurm(site.settings.slurm_bin_dir)
     joins = _joins(site)

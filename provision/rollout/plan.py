@@ -128,6 +128,10 @@ def make_plan(
     if out:
         raise RolloutError(f"not in service: {'; '.join(out)}",
                            hint="a rollout starts from nodes in service: resume or fix them, or leave them out")  # fmt: skip
+    k0s = site.settings.get("k0s_controller_host") or str(site.settings.get("join_k0s")).lower() == "true"
+    if kube is None and k0s:
+        raise RolloutError("the nodes join k0s here but provision_kubectl is not set: they would not be drained in k0s",
+                           hint='set provision_kubectl to how this host runs kubectl, e.g. ["k0s", "kubectl"]')  # fmt: skip
     if kube is not None:
         ready = kube.ready(names)
         absent = [n for n in names if n not in ready]
@@ -144,7 +148,8 @@ def make_plan(
         raise RolloutError(f"{', '.join(missing)}: not registered with the boot backend",
                            hint="provision node sync, or boot them once with provision node boot")  # fmt: skip
     target = f"{image}/{version}"
-    skipped = [n for n in names if current[n] == version and _release(joins.get(n)) == target]
+    reported = {n: r.this_boot_report().get("release", "") for n, r in joins.items()}
+    skipped = [n for n in names if current[n] == version and reported.get(n) == target]
     todo = [n for n in names if n not in skipped]
     # Canaries: idle nodes first, so the first verdict does not wait for someone's job.
     ordered = sorted(todo, key=lambda n: (states[n].busy, names.index(n)))
@@ -152,8 +157,3 @@ def make_plan(
     rest = [n for n in todo if n not in canaries]
     waves = ([tuple(canaries)] if canaries else []) + [tuple(rest[i : i + limit]) for i in range(0, len(rest), limit)]
     return Plan(image, version, tuple(waves), {n: current[n] for n in names}, tuple(skipped), limit, states)
-
-
-def _release(record: NodeRecord | None) -> str:
-    report = (record.last_report or {}) if record else {}
-    return str(report.get("release", "")) if report.get("boot_id") == record.boot_id else ""  # type: ignore[union-attr]

@@ -137,8 +137,10 @@ class Rollout:
         if fresh:
             self.backend.assign_version(fresh, state.version)
             self._before_reboot(fresh, NodePhase.ASSIGNED, lambda _: f"boots {self.target} from its next boot")
-        for name in [n for n in wave if state.nodes[n].phase is NodePhase.ASSIGNED]:
-            self._request_reboot(name)
+        assigned = [n for n in wave if state.nodes[n].phase is NodePhase.ASSIGNED]
+        slurm_now = self._slurm_nodes(assigned) if assigned else {}
+        for name in assigned:
+            self._request_reboot(name, slurm_now.get(name))
         while True:
             joins, slurm = self.joins(), self._slurm_nodes()
             for name in wave:
@@ -175,8 +177,7 @@ class Rollout:
             self.state.nodes[name].old_boot = record.boot_id if record else None
             self._reach(name, phase, detail(name))
 
-    def _request_reboot(self, name: str) -> None:
-        node = self._slurm_nodes([name]).get(name)
+    def _request_reboot(self, name: str, node: SlurmNode | None) -> None:
         if node is not None and ({"REBOOT_REQUESTED", "REBOOT_ISSUED"} & node.flags):
             self._reach(name, NodePhase.WAITING, "reboot already requested in Slurm")  # a resumed rollout
             return
@@ -208,9 +209,9 @@ class Rollout:
                 self._reach(name, NodePhase.REBOOTING, "rebooted")
             rec.boot = join.boot_id
             self._reach(name, NodePhase.BOOTED, f"boot {join.boot_id}")
-        if rec.phase is NodePhase.BOOTED and join is not None:
-            report = join.last_report or {}
-            if report.get("boot_id") == rec.boot and report.get("status"):
+        if rec.phase is NodePhase.BOOTED and join is not None and join.boot_id == rec.boot:
+            report = join.this_boot_report()
+            if report.get("status"):
                 rec.release = str(report.get("release", ""))
                 if report["status"] != "joined":
                     return self._fail(name, f"its join agent reported {report['status']} at {report.get('step')}"
@@ -306,8 +307,8 @@ class Rollout:
             joins, slurm = self.joins(), self._slurm_nodes(list(following))
             for name, since in list(following.items()):
                 rec, join, node = state.nodes[name], joins.get(name), slurm.get(name)
-                report = (join.last_report or {}) if join else {}
-                back = join is not None and join.boot_id != rec.old_boot and report.get("boot_id") == join.boot_id
+                report = join.this_boot_report() if join else {}
+                back = join is not None and join.boot_id != rec.old_boot and bool(report)
                 wanted = f"{state.image}/{rec.previous}"
                 if back and report.get("status") == "joined" and report.get("release") == wanted:
                     if node is not None and node.usable and self._kube_back(name):

@@ -46,11 +46,6 @@ class JoinPrepared:
         }
 
 
-def _netns(site: Site) -> str | None:
-    netns = site.settings.get("provision_boot_netns")
-    return str(netns) if netns else None
-
-
 def render_bundles(
     site: Site,
     nodes: Sequence[Node],
@@ -84,16 +79,16 @@ def prepare(
     rendered = render_bundles(site, nodes, vault_password_file=vault_password_file, on_event=on_event)
     pid = None
     if settings.managed:
-        pid = JoinDaemon(site, netns=_netns(site), vault_password_file=vault_password_file).ensure()
+        pid = JoinDaemon(site, netns=site.settings.boot_netns, vault_password_file=vault_password_file).ensure()
     return JoinPrepared(JoinMode.AGENT, settings.url, pid, tuple(rendered))
 
 
 def start(site: Site, *, vault_password_file: str | None = None) -> tuple[int, str]:
     """Start (or keep) the service in the background; its pid and URL."""
-    daemon = JoinDaemon(site, netns=_netns(site), vault_password_file=vault_password_file)
+    daemon = JoinDaemon(site, netns=site.settings.boot_netns, vault_password_file=vault_password_file)
     return daemon.ensure(), daemon.settings.url
 
 
 def stop(site: Site) -> bool:
     """Stop the service provision started; False when none ran."""
-    return JoinDaemon(site, netns=_netns(site)).stop()
+    return JoinDaemon(site, netns=site.settings.boot_netns).stop()

@@ -89,6 +89,11 @@ class NodeRecord:
     last_refusal: str | None = None
     earlier_boots: list[str] = field(default_factory=list)  # boot ids the console showed before (the last 16)
 
+    def this_boot_report(self) -> dict[str, str]:
+        """The last report when it is from the boot the console shows now ({} otherwise)."""
+        report = self.last_report or {}
+        return report if report and report.get("boot_id") == self.boot_id else {}
+
 
 class Nonces:
     """Single-use challenges, per node, expiring after NONCE_TTL; at most NONCES_PER_NODE outstanding."""
