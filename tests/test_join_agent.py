@@ -98,12 +98,9 @@ def test_role_layout() -> None:
     assert set(defaults) == set(specs)
     assert all(name.startswith("join_agent_") for name in defaults)
     assert defaults["join_agent_url"] == ""
-    for family, ssh in (("Debian", "openssh-client"), ("RedHat", "openssh-clients")):
-        assert yaml.safe_load((ROLE / "vars" / f"{family}.yml").read_text())["__join_agent_packages"] == [
-            "age",
-            "curl",
-            ssh,
-        ]
+    for family, awk, ssh in (("Debian", "mawk", "openssh-client"), ("RedHat", "gawk", "openssh-clients")):
+        packages = yaml.safe_load((ROLE / "vars" / f"{family}.yml").read_text())["__join_agent_packages"]
+        assert packages == ["age", "curl", awk, ssh]
     for image in ("compute-debian12", "compute-rocky9"):
         assert "join_agent" in yaml.safe_load((ROOT / "images" / f"{image}.yml").read_text())["roles"]
 
@@ -521,13 +518,17 @@ def test_agent_reports_its_release_and_a_service_that_does_not_start(
 # -- bundles the agent must refuse ---------------------------------------------------------
 
 
-def make_tar(files: dict[str, bytes], manifest: dict[str, object]) -> bytes:
+def make_tar(files: dict[str, bytes], manifest: dict[str, object], links: dict[str, str] | None = None) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, data in [(MANIFEST_MEMBER, json.dumps(manifest).encode()), *files.items()]:
             info = tarfile.TarInfo(name)
             info.size, info.mode = len(data), 0o600
             tar.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
     return buf.getvalue()
 
 
@@ -626,6 +627,20 @@ def test_agent_refuses_foreign_paths(lab: Lab, node: NodeBoot, tmp_path: Path, s
                 'manifest: refusing path "/etc/../root/x"',
             ),
         }
+        hello = manifest["files"][0]  # type: ignore[index]
+        other = {**hello, "path": "/etc/provision-test/other"}
+        cases |= {
+            "twice": (make_tar({"etc/provision-test/hello": b"x\n"}, {"files": [hello, hello]}),
+                      "manifest: /etc/provision-test/hello listed twice"),
+            "missing": (make_tar({"etc/provision-test/hello": b"x\n"}, {"files": [hello, other]}),
+                        "the bundle lacks /etc/provision-test/other"),
+            "mode": (make_tar({"etc/provision-test/hello": b"x\n"}, {"files": [{**hello, "mode": "0x77"}]}),
+                     'manifest: bad mode "0x77" for /etc/provision-test/hello'),
+            "service": (make_tar({"etc/provision-test/hello": b"x\n"}, {**manifest, "services": ["munge; reboot"]}),
+                        'manifest: bad service name "munge;reboot"'),
+            "symlink": (make_tar({}, manifest, links={"etc/provision-test/hello": "/etc/shadow"}),
+                        'refusing bundle member "etc/provision-test/hello -> /etc/shadow"'),
+        }  # fmt: skip
         for case, (tar, why) in cases.items():
             scratch = tmp_path / f"root-{case}"
             scratch.mkdir()
