@@ -71,6 +71,10 @@ def test_configless_slurmd_waits_for_its_key(rootfs: Path, host: Any) -> None:
     assert not (rootfs / "etc/slurm/slurm.conf").exists()  # configless: fetched from slurmctld
     passwd = host.file(f"{rootfs}/etc/passwd").content_string
     assert any(line.startswith("slurm:") and ":64030:" in line for line in passwd.splitlines())
+    # sssd, too, starts only once a join delivered its settings along with the key.
+    for unit in ("slurmd", "sssd"):
+        dropins = "".join(p.read_text() for p in (rootfs / f"etc/systemd/system/{unit}.service.d").glob("*.conf"))
+        assert "ConditionPathExists=/etc/munge/munge.key" in dropins, unit
 
 
 def test_storage_layout_and_modes(rootfs: Path, host: Any) -> None:

@@ -157,6 +157,9 @@ def test_nodes_join_by_themselves_at_every_boot(shared_rack: SharedRack, tmp_pat
         lambda: "provision: join" in console.read_text(errors="replace").split("provision: boot ")[-1],
         120,
     )
+    # Before its join a booted node runs none of the services its bundle configures.
+    before_join = lab.ssh_new(first, "systemctl is-active munge sssd slurmd; true", tmp_path / "known_hosts.cycle")
+    assert before_join.split() == ["inactive"] * 3
     ok(lab.cli("service", "start"))
     started = time.monotonic()
     after_start = wait(f"{first['name']} idle again", lambda: rejoined(lab, first["name"], old_boot), 300, 1.0)
