@@ -77,6 +77,21 @@ def test_configless_slurmd_waits_for_its_key(rootfs: Path, host: Any) -> None:
         assert "ConditionPathExists=/etc/munge/munge.key" in dropins, unit
 
 
+def test_join_units_are_ordered_for_one_restart(rootfs: Path) -> None:
+    """The join agent restarts the bundle's services in one systemctl call: the units order themselves."""
+
+    def ordering(unit: str, key: str) -> set[str]:
+        words: set[str] = set()
+        for dropin in (rootfs / f"etc/systemd/system/{unit}.d").glob("*.conf"):
+            for line in dropin.read_text().splitlines():
+                if line.startswith(f"{key}="):
+                    words |= set(line.split("=", 1)[1].split())
+        return words
+
+    assert {"munge.service", "sssd.service"} <= ordering("slurmd.service", "After")
+    assert "slurmd.service" in ordering("wg-quick@wg0.service", "Before")
+
+
 def test_storage_layout_and_modes(rootfs: Path, host: Any) -> None:
     for name in ("shared", "persistent", "world-tmp"):
         assert host.file(f"{rootfs}/opt/cache/{name}").mode == 0o1777, name

@@ -286,9 +286,18 @@ def run_agent(script: Path, url: str, node: NodeBoot, root: Path, *args: str) ->
 
 SYSTEMCTL = """#!/bin/sh
 # systemctl for a test host without systemd as PID 1: the agent's calls, in order.
-# A file fail-UNIT beside it makes `restart UNIT` fail (a service that cannot start).
+# A file fail-UNIT beside it makes `restart ... UNIT ...` fail and UNIT inactive
+# (a service that cannot start).
 echo "$*" >> "${0%/*}/calls"
-if [ "$1" = restart ] && [ -e "${0%/*}/fail-$2" ]; then exit 1; fi
+verb=$1; shift
+case $verb in restart|is-active) ;; *) exit 0 ;; esac
+rc=0
+for unit in "$@"; do
+    case $unit in --*) continue ;; esac
+    if [ -e "${0%/*}/fail-$unit" ]; then state=failed; rc=1; else state=active; fi
+    [ "$verb" != is-active ] || [ "$1" = --quiet ] || echo "$state"
+done
+exit "$rc"
 """
 
 
@@ -334,9 +343,10 @@ class Agent:
                 self.proc.kill()
                 self.proc.wait()
 
-    def restarted(self) -> list[str]:
+    def restarted(self) -> list[list[str]]:
+        """The units of each ``systemctl restart`` call."""
         calls = (self.bin / "calls").read_text().splitlines() if (self.bin / "calls").exists() else []
-        return [call.split()[1] for call in calls if call.startswith("restart ")]
+        return [call.split()[1:] for call in calls if call.startswith("restart ")]
 
 
 def assert_installed(bundle: Path, root: Path) -> dict[str, object]:
@@ -392,9 +402,10 @@ def test_agent_installs_the_rendered_bundle(
     manifest = assert_installed(lab.bundles / NODE, root)
     services_list = manifest["services"]
     assert isinstance(services_list, list) and services_list
-    for unit in services_list:
-        assert f"provision: join not restarting {unit} (--once)" in proc.stderr
+    assert f"provision: join not restarting {' '.join(map(str, services_list))} (--once)" in proc.stderr
     assert "provision: join reported joined" in proc.stderr
+    # One challenge in all: the report used the one that came with the bundle.
+    assert proc.stderr.count("provision: join challenge") == 1, proc.stderr
     assert "bundle-bind-secret-4711" not in proc.stderr
     assert not list((tmp_path / "run").iterdir())  # the decrypted bundle is gone
     status = service.stop()
@@ -419,7 +430,8 @@ def test_agent_waits_for_its_key_on_the_console(
     node.print_key()
     assert agent.wait() == 0, agent.stderr()
     manifest = assert_installed(lab.bundles / NODE, root)
-    assert agent.restarted() == manifest["services"]  # in the manifest's order, once
+    assert agent.restarted() == [manifest["services"]]  # together, in one call, once
+    assert f"provision: join active: {' '.join(map(str, manifest['services']))}" in agent.stderr()  # one check
     status = service.stop()
     assert_joined(status, node)
     assert status.refusals() == []  # a 503 is no refusal
@@ -447,7 +459,7 @@ def test_agent_retries_a_refusal_and_logs_why(
     text = agent.stderr()
     assert "provision: join retrying in 1s" in text
     assert text.count("retrying in 2s") >= 1 and "retrying in 4s" not in text  # PROVISION_JOIN_MAX_BACKOFF=2
-    assert agent.restarted() == assert_installed(lab.bundles / NODE, root)["services"]
+    assert agent.restarted() == [assert_installed(lab.bundles / NODE, root)["services"]]
     status = service.stop()
     record = assert_joined(status, node)
     assert record.refusals >= 3  # --once's and the loop's
@@ -475,7 +487,7 @@ def test_agent_keeps_trying_while_the_service_is_down(
     took = time.monotonic() - answering
     print(f"joined {took:.1f}s after the service started answering")
     assert took < 10, agent.stderr()  # the requirement: idle within 10 s after the service starts
-    assert agent.restarted() == assert_installed(lab.bundles / NODE, root)["services"]
+    assert agent.restarted() == [assert_installed(lab.bundles / NODE, root)["services"]]
     assert_joined(service.stop(), node)
 
 

@@ -98,6 +98,7 @@ class Answer:
     status: int
     body: bytes
     content_type: str
+    headers: dict[str, str] = field(default_factory=dict)
 
     def json(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(self.body)
@@ -117,7 +118,7 @@ class Client:
             aiohttp.ClientSession(connector=connector) as session,
             session.request(method, self.base + path, **kwargs) as response,
         ):
-            answer = Answer(response.status, await response.read(), response.content_type)
+            answer = Answer(response.status, await response.read(), response.content_type, dict(response.headers))
         self.answers.append(answer)
         return answer
 
@@ -267,11 +268,18 @@ def test_a_node_gets_its_bundle_and_reports(lab: tuple[Site, Path], nodes: dict[
         again = await client.bundle(await client.join_request(node), node.ip)
         assert untar(node.decrypt(again.body))["etc/munge/munge.key"][1] == SECRET + b"rotated"
 
-        nonce = (await client.challenge("r1n01", node.ip)).json()["nonce"]
+        # The bundle answer carries the report's challenge (no second round trip), single-use like any other.
+        nonce = again.headers["X-Provision-Report-Nonce"]
+        assert len(nonce) == 43 and nonce != answer.headers["X-Provision-Report-Nonce"]
         report = {"node": "r1n01", "boot_id": node.boot_id, "nonce": nonce, "status": "joined", "step": "slurmd"}
         report["signature"] = node.sign(report_message("r1n01", node.boot_id, nonce, "joined", "slurmd"))
         assert (await client.request("POST", "/v1/report", node.ip, json=report)).status == 204
         assert (await client.request("POST", "/v1/report", node.ip, json=report)).status == 403  # replayed
+        # A fresh challenge does as well (an agent whose bundle nonce expired).
+        nonce = (await client.challenge("r1n01", node.ip)).json()["nonce"]
+        report = {"node": "r1n01", "boot_id": node.boot_id, "nonce": nonce, "status": "joined", "step": "done"}
+        report["signature"] = node.sign(report_message("r1n01", node.boot_id, nonce, "joined", "done"))
+        assert (await client.request("POST", "/v1/report", node.ip, json=report)).status == 204
 
     serve(site, scenario)
     status = read_status(site.state_dir / "service" / "status.json")
@@ -279,7 +287,7 @@ def test_a_node_gets_its_bundle_and_reports(lab: tuple[Site, Path], nodes: dict[
     record = status.nodes["r1n01"]
     assert record.boot_id == node.boot_id and record.key_fingerprint == node.fingerprint()
     assert record.bundles_served == 2 and record.last_report is not None
-    assert (record.last_report["status"], record.last_report["step"]) == ("joined", "slurmd")
+    assert (record.last_report["status"], record.last_report["step"]) == ("joined", "done")
     assert (site.state_dir / "service" / "status.json").stat().st_mode & 0o777 == 0o600
 
 

@@ -33,13 +33,15 @@ Trust design
      ssh-ed25519 key pinned from the node's console for its current boot
      (``age -d -i /etc/ssh/ssh_host_ed25519_key``). The tar holds the
      manifest's files (paths relative to /, owner and group by name, modes
-     from the manifest) and ``manifest.json`` at its top.
+     from the manifest) and ``manifest.json`` at its top. The answer's
+     ``X-Provision-Report-Nonce`` header is a challenge for the report
+     (single-use, valid 10 minutes): the report needs no second round trip.
   4. ``POST /v1/report`` ``{"node", "boot_id", "nonce", "status":
      "joined"|"failed", "step", "release", "signature"}``, signed (same namespace) over
      ``provision-report-v2\\nnode=…\\nboot_id=…\\nnonce=…\\nstatus=…\\nstep=…\\nrelease=…\\n``
      (``release``: ``IMAGE/VERSION`` from the image's /etc/provision-release; an
-     agent without it signs ``provision-report-v1`` without that line) with a
-     fresh challenge -> 204; the node's state is recorded.
+     agent without it signs ``provision-report-v1`` without that line) with the
+     bundle answer's challenge or a fresh one -> 204; the node's state is recorded.
 
 * **Refusals** are 403 ``{"error": …}`` (no secret, nothing about other
   nodes): unknown node; source address not the node's ``provision_ip``;

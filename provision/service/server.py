@@ -25,7 +25,7 @@ from provision.console import ConsoleBoot, ConsoleFollower, HostKey
 from provision.inventory import Node, Site
 from provision.service.bundle import BundleStore
 from provision.service.errors import BundleError
-from provision.service.settings import NONCE_TTL, JoinSettings, JoinTrust
+from provision.service.settings import NONCE_TTL, REPORT_NONCE_HEADER, REPORT_NONCE_TTL, JoinSettings, JoinTrust
 from provision.service.sshsig import SignatureError, verify
 from provision.service.state import EventKind, NodeRecord, Nonces, ReportStatus, ServiceState, now_iso, printable
 
@@ -260,8 +260,12 @@ class JoinService:
         self.state.event(
             EventKind.SERVED, verified.node, peer, f"bundle for boot {verified.boot_id}, {len(payload)} bytes"
         )
+        # The report's challenge comes with the bundle: no second round trip for a booting node.
+        report_nonce = self.nonces.issue(verified.node, time.monotonic(), ttl=REPORT_NONCE_TTL)
         return web.Response(
-            body=payload, content_type="application/octet-stream", headers={"Cache-Control": "no-store"}
+            body=payload,
+            content_type="application/octet-stream",
+            headers={"Cache-Control": "no-store", REPORT_NONCE_HEADER: report_nonce},
         )
 
     async def report(self, request: web.Request) -> web.Response:

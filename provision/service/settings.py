@@ -15,6 +15,10 @@ from provision.inventory import Site
 DEFAULT_PORT = 8740
 NONCE_TTL = 60.0  # seconds a challenge stays valid (protocol)
 NONCES_PER_NODE = 4  # outstanding challenges per node; the oldest goes first
+# The report's challenge, sent with the bundle: it outlives the node's service
+# restarts (the agent waits up to 120 s per unit), then it needs a new challenge.
+REPORT_NONCE_TTL = 600.0
+REPORT_NONCE_HEADER = "X-Provision-Report-Nonce"
 EVENTS_KEPT = 1000  # the bounded event list (memory and the status file)
 
 

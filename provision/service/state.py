@@ -103,7 +103,7 @@ class Nonces:
         self.per_node = per_node
         self._by_node: dict[str, OrderedDict[str, float]] = {}
 
-    def issue(self, node: str, now: float) -> str:
+    def issue(self, node: str, now: float, ttl: float | None = None) -> str:
         pending = self._by_node.setdefault(node, OrderedDict())
         for nonce, expires in list(pending.items()):
             if expires <= now:
@@ -111,7 +111,7 @@ class Nonces:
         while len(pending) >= self.per_node:
             pending.popitem(last=False)
         nonce = secrets.token_urlsafe(32)
-        pending[nonce] = now + self.ttl
+        pending[nonce] = now + (self.ttl if ttl is None else ttl)
         return nonce
 
     def valid(self, node: str, nonce: str, now: float) -> bool:
