@@ -1,8 +1,10 @@
 """compute-debian12 with every compute role, built for real and inspected.
 
-The build runs once per session (``compute_image`` in conftest.py). What the
-roles could not install here (NVIDIA, Enroot, Apptainer, CVMFS, s5cmd: their
-download sites are unreachable) is configuration only; see the README matrix.
+The build runs once per session (``compute_image`` in conftest.py). The GPU
+stack (NVIDIA driver, Enroot) is configuration only here: it is installed in
+compute-gpu-debian12 (tests/test_compute_gpu_image.py). What the roles could
+not install here (Apptainer, CVMFS, s5cmd: their download sites are
+unreachable) is configuration only; see the README matrix.
 """
 
 from __future__ import annotations
