@@ -1,9 +1,10 @@
 """compute-gpu-debian12: compute-debian12 with the GPU stack installed, built for real and inspected.
 
 The build runs once per session (``gpu_image`` in conftest.py): the NVIDIA
-driver from Debian's non-free built by DKMS for the image's kernel, Enroot
-and Pyxis from their pinned release tarballs. compute-debian12 itself
-(tests/test_compute_image.py) keeps these as configuration only.
+driver from Debian's non-free built by DKMS for the image's kernel (through
+the kept compiler cache), Enroot and Pyxis from their pinned release
+tarballs. compute-debian12 itself (tests/test_compute_image.py) keeps these
+as configuration only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 import testinfra
 from conftest import mounted_squashfs
 
+from provision.image.ccache import IN_CHROOT, CompilerCache
 from provision.image.definition import load
 from provision.image.scan import scan
 from provision.image.store import ImageVersion
@@ -87,6 +89,17 @@ def test_nvidia_user_space_without_x(rootfs: Path, host: Any, installed: set[str
     assert not (rootfs / "var/lib/dkms/mok.key").exists()  # DKMS's signing key never ships
     assert {"nvidia-kernel-dkms", "nvidia-smi", "nvidia-persistenced", "libcuda1"} <= installed
     assert not [p for p in installed if p.startswith(("xserver-xorg", "nvidia-driver"))]
+
+
+def test_the_compiler_cache_stays_out_of_the_image(
+    gpu_image_build: dict[str, Any], rootfs: Path, installed: set[str]
+) -> None:
+    assert "ccache" not in installed  # installed for the module build, removed after it
+    assert not (rootfs / IN_CHROOT.lstrip("/")).exists() and not (rootfs / "usr/lib/ccache").exists()
+    assert not [p for p in (rootfs / "root").rglob("*ccache*")]
+    # The build compiled through it: the cache holds results (a warm cache holds the same ones).
+    assert CompilerCache().size_bytes() > 10 * 2**20
+    assert "ccache" in gpu_image_build["stderr"]  # the roles stage reports it
 
 
 def test_enroot_from_the_pinned_source(rootfs: Path, host: Any, installed: set[str]) -> None:
