@@ -253,12 +253,12 @@ def services() -> Iterator[list[LiveService]]:
 
 
 def service_and_agent(
-    lab: Lab, tmp_path: Path, services: list[LiveService], port: int = 0
+    lab: Lab, tmp_path: Path, services: list[LiveService], port: int = 0, **overrides: object
 ) -> tuple[LiveService, Path, Path]:
     """A join service for the lab's nodes (not started; stopped after the test), the rendered agent, an install root."""
     service = LiveService(lab.site.nodes, lab.settings(tmp_path / "service"), port=port)
     services.append(service)
-    script, _ = render_agent(tmp_path / "libexec")
+    script, _ = render_agent(tmp_path / "libexec", **overrides)
     root = tmp_path / "root"
     root.mkdir()
     return service, script, root
@@ -300,24 +300,45 @@ done
 exit "$rc"
 """
 
+# scontrol for a test host without slurmctld: `show node -o NODE` as slurmctld
+# answers once slurmd registered now; a file slurmd-start beside it holds an older
+# SlurmdStartTime (slurmctld has not heard from this slurmd's start yet).
+SCONTROL = """#!/bin/sh
+echo "$*" >> "${0%/*}/scontrol-calls"
+[ "$1 $2 $3" = "show node -o" ] || exit 1
+if [ -e "${0%/*}/slurmd-start" ]; then started=$(cat "${0%/*}/slurmd-start"); else started=$(date +%Y-%m-%dT%H:%M:%S); fi
+echo "NodeName=$4 Arch=x86_64 State=IDLE BootTime=2026-12-01T10:00:00 SlurmdStartTime=$started LastBusyTime=None"
+"""
+
 
 class Agent:
     """The agent in its boot mode (no --once: retries until joined, restarts services), stderr to a file.
 
-    The test host has no systemd as PID 1: a ``systemctl`` on PATH records
-    the restarts and answers that each unit is active.
+    The test host has no systemd as PID 1 and no slurmctld: a ``systemctl`` on
+    PATH records the restarts and answers that each unit is active, a
+    ``scontrol`` that slurmd registered (``unregistered``: with an older start).
     """
 
     def __init__(
-        self, script: Path, url: str, node: NodeBoot, root: Path, max_backoff: int = 2, failing: tuple[str, ...] = ()
+        self,
+        script: Path,
+        url: str,
+        node: NodeBoot,
+        root: Path,
+        max_backoff: int = 2,
+        failing: tuple[str, ...] = (),
+        unregistered: bool = False,
     ) -> None:
         self.log = root.parent / "agent.log"
         self.bin = root.parent / "bin"
         self.bin.mkdir()
         for unit in failing:
             (self.bin / f"fail-{unit}").touch()
-        (self.bin / "systemctl").write_text(SYSTEMCTL)
-        (self.bin / "systemctl").chmod(0o755)
+        if unregistered:  # the previous boot's slurmd start, as slurmctld still knows it
+            (self.bin / "slurmd-start").write_text("2026-12-01T10:00:05\n")
+        for tool, text in (("systemctl", SYSTEMCTL), ("scontrol", SCONTROL)):
+            (self.bin / tool).write_text(text)
+            (self.bin / tool).chmod(0o755)
         env = agent_env(url, node, root, PROVISION_JOIN_MAX_BACKOFF=str(max_backoff))
         env["PATH"] = f"{self.bin}:{env['PATH']}"
         with open(self.log, "w") as log:
@@ -525,6 +546,30 @@ def test_agent_reports_its_release_and_a_service_that_does_not_start(
     reports = [e.detail for e in status.events if e.kind.value == "report"]
     assert reports == ["failed at restart:slurmd on compute-debian12/20261202-101010",
                        "joined at done on compute-debian12/20261202-101010"]  # fmt: skip
+
+
+@needs
+def test_agent_reports_joined_only_once_slurmd_registered(
+    lab: Lab, node: NodeBoot, tmp_path: Path, services: list[LiveService]
+) -> None:
+    """slurmd's unit is active as soon as it forks: the agent waits until slurmctld shows this start of slurmd
+    (SlurmdStartTime not older than the restart) before it reports joined; one that never registers within the
+    timeout is reported once as failed at register:slurmd and waited for again."""
+    node.print_boot()
+    service, script, root = service_and_agent(lab, tmp_path, services, join_agent_service_timeout=2)
+    url = service.start()
+    agent = Agent(script, url, node, root, unregistered=True)
+    agent.wait_for("provision: join slurmd not registered with slurmctld after 2s", count=2, timeout=60)
+    failed = service.service.state.nodes[NODE].last_report
+    assert failed is not None and (failed["status"], failed["step"]) == ("failed", "register:slurmd")
+    assert agent.stderr().count("reported failed") == 1 and "reported joined" not in agent.stderr()
+    (agent.bin / "slurmd-start").unlink()  # slurmctld now has this start's registration
+    assert agent.wait() == 0, agent.stderr()
+    log = agent.stderr()
+    assert log.index("slurmd registered with slurmctld") < log.index("reported joined")
+    assert f"show node -o {NODE}" in (agent.bin / "scontrol-calls").read_text()
+    status = service.stop()
+    assert_joined(status, node, served=status.nodes[NODE].bundles_served)
 
 
 # -- bundles the agent must refuse ---------------------------------------------------------
