@@ -72,11 +72,28 @@ Trust design
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from provision.inventory import Site
 from provision.service.errors import BundleError, JoinServiceError
-from provision.service.server import NAMESPACE, JoinService, join_message, report_message, serve_forever
 from provision.service.settings import JoinSettings
 from provision.service.state import Event, EventKind, NodeRecord, ServiceStatus, read_status
+
+if TYPE_CHECKING:
+    from provision.service.server import NAMESPACE, JoinService, join_message, report_message, serve_forever
+
+# The server (aiohttp) is imported on first use: every CLI command imports this
+# package, and only `service run` serves (a quarter of a second per command).
+_SERVER_NAMES = frozenset({"NAMESPACE", "JoinService", "join_message", "report_message", "serve_forever"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SERVER_NAMES:
+        from provision.service import server
+
+        return getattr(server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "NAMESPACE",
