@@ -63,6 +63,23 @@ def example_inventory() -> Path:
 BASE_IMAGE = "base-debian12"
 
 
+# Source tarballs the GPU image builds (Enroot, Pyxis): ../shared/vendor beside
+# the checkout (beside the main checkout for a git worktree) when this machine
+# has it, else the roles' default, GitHub's release tarballs (same pinned
+# checksums). An explicit $PROVISION_SOURCE_MIRROR wins.
+def _source_mirror() -> Path | None:
+    roots = [PROJECT_ROOT]
+    dot_git = PROJECT_ROOT / ".git"
+    if dot_git.is_file():  # a worktree: .git names <main>/.git/worktrees/<name>
+        gitdir = Path(dot_git.read_text().removeprefix("gitdir:").strip())
+        roots.append(gitdir.parent.parent.parent)
+    return next((d for r in roots if (d := r.parent / "shared" / "vendor").is_dir()), None)
+
+
+if (VENDOR_DIR := _source_mirror()) is not None:
+    os.environ.setdefault("PROVISION_SOURCE_MIRROR", VENDOR_DIR.resolve().as_uri())
+
+
 @pytest.fixture(scope="session")
 def image_store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("image-store")
@@ -108,6 +125,23 @@ def compute_image(image_store_dir: Path) -> ImageVersion:
     """compute-debian12 with every compute role, built once per run."""
     report = build_image(COMPUTE_IMAGE, image_store_dir)
     image = ImageStore(image_store_dir).get(COMPUTE_IMAGE, report["version"])
+    image.verify()
+    return image
+
+
+GPU_IMAGE = "compute-gpu-debian12"
+
+
+@pytest.fixture(scope="session")
+def gpu_image_build(image_store_dir: Path) -> dict[str, Any]:
+    """The --json report of the one real build of compute-gpu-debian12 in this run (its stderr included)."""
+    return build_image(GPU_IMAGE, image_store_dir)
+
+
+@pytest.fixture(scope="session")
+def gpu_image(gpu_image_build: dict[str, Any], image_store_dir: Path) -> ImageVersion:
+    """compute-gpu-debian12: compute-debian12 plus the NVIDIA driver, Enroot and Pyxis installed."""
+    image = ImageStore(image_store_dir).get(GPU_IMAGE, gpu_image_build["version"])
     image.verify()
     return image
 

@@ -1,13 +1,16 @@
 """compute-debian12 with every compute role, built for real and inspected.
 
-The build runs once per session (``compute_image`` in conftest.py). What the
-roles could not install here (NVIDIA, Enroot, Apptainer, CVMFS, s5cmd: their
-download sites are unreachable) is configuration only; see the README matrix.
+The build runs once per session (``compute_image`` in conftest.py). The GPU
+stack (NVIDIA driver, Enroot) is configuration only here: it is installed in
+compute-gpu-debian12 (tests/test_compute_gpu_image.py). What the roles could
+not install here (Apptainer, CVMFS, s5cmd: their download sites are
+unreachable) is configuration only; see the README matrix.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -90,6 +93,18 @@ def test_join_units_are_ordered_for_one_restart(rootfs: Path) -> None:
 
     assert {"munge.service", "sssd.service"} <= ordering("slurmd.service", "After")
     assert "slurmd.service" in ordering("wg-quick@wg0.service", "Before")
+
+
+def test_host_files_every_node_has(rootfs: Path, host: Any) -> None:
+    """/etc/hosts, /etc/hostname and /etc/resolv.conf, as tools (Enroot's mounts among them) expect on any host:
+    the loopback names in the image, the hostname written at each boot, resolv.conf the resolver's stub."""
+    hosts = (rootfs / "etc/hosts").read_text().split()
+    assert hosts[:2] == ["127.0.0.1", "localhost"]
+    assert not (rootfs / "etc/hostname").exists()  # node state: none in the image
+    assert "f /etc/hostname 0644 root root - %H" in (rootfs / "etc/tmpfiles.d/provision-hostname.conf").read_text()
+    assert os.readlink(rootfs / "etc/resolv.conf") == "../run/systemd/resolve/stub-resolv.conf"
+    result = host.run(f"chroot {rootfs} systemctl is-enabled systemd-resolved.service")
+    assert result.stdout.strip() == "enabled", result.stderr
 
 
 def test_storage_layout_and_modes(rootfs: Path, host: Any) -> None:

@@ -37,7 +37,7 @@ def load_error(tmp_path: Path, data: Any, name: str = "img") -> ImageError:
     return err
 
 
-@pytest.mark.parametrize("name", ["base-debian12", "compute-debian12", "compute-rocky9"])
+@pytest.mark.parametrize("name", ["base-debian12", "compute-debian12", "compute-gpu-debian12", "compute-rocky9"])
 def test_shipped_definitions_load(name: str) -> None:
     loaded = definition.load(name)
     assert loaded.name == name
@@ -48,7 +48,7 @@ def test_shipped_definitions_load(name: str) -> None:
 
 def test_rocky_and_debian_differ_only_in_family_data() -> None:
     rocky = definition.load("compute-rocky9")
-    debian = definition.load("compute-debian12")
+    debian = definition.load("compute-gpu-debian12")  # the production image's Debian counterpart (GPU stack)
     assert rocky.family is DistroFamily.REDHAT and rocky.release == "9"
     assert debian.family is DistroFamily.DEBIAN and debian.distro is Distro.DEBIAN
     assert rocky.roles == debian.roles

@@ -76,6 +76,7 @@ def _bmc_password(all_yml: str, vault_password: str) -> str:
         ({"netns": "bad/name"}, "--netns: 'bad/name' is not a namespace name"),
         ({"network": "10.99.0.300/24"}, "network: '10.99.0.300/24' is not a CIDR"),
         ({"network": "10.99.0.0/30"}, "too small"),
+        ({"image": "../compute"}, "--image: '../compute' is not an image name"),
     ],
 )
 def test_config_rejects_bad_input(kwargs: dict[str, object], message: str) -> None:

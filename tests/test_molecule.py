@@ -121,7 +121,7 @@ def test_molecule_scenario(scenario: str) -> None:
         "PY_COLORS": "0",
         "NO_COLOR": "1",
     }
-    for passthrough in ("XDG_CACHE_HOME", "PROVISION_DEBIAN_MIRROR"):
+    for passthrough in ("XDG_CACHE_HOME", "PROVISION_DEBIAN_MIRROR", "PROVISION_SOURCE_MIRROR"):
         if passthrough in os.environ:
             env[passthrough] = os.environ[passthrough]
     proc = subprocess.run(

@@ -15,9 +15,8 @@ serial console).
   join service down until the node is up) and ``scontrol reboot`` bring the
   nodes back to idle by themselves. (``lab down`` leaving nothing is
   checked when the shared rack goes, at the end of the run.)
-* ``test_a_node_boots_and_joins_through_redfish``: ``lab up --bmc redfish``
-  (sushy-emulator as the BMC): one node powered, PXE-booted and joined to
-  ``idle`` through Redfish.
+* Through Redfish (``lab up --bmc redfish``): tests/test_gpu_node.py, whose
+  one node boots the GPU image that way.
 * ``test_faults_are_reported_per_node`` (push mode, state dir from
   ``$PROVISION_STATE_DIR``, OpenIPMI ipmi_sim as the BMCs): a dead BMC and a wrong MAC in the inventory; the
   third node still joins over SSH, the two are reported with the stage they
@@ -115,6 +114,10 @@ def test_nodes_join_by_themselves_at_every_boot(shared_rack: SharedRack, tmp_pat
     assert {lab.states()[n] for n in names} == {"idle"}
     assert sorted(lab.control("srun", f"-N{len(names)}", "hostname").split()) == sorted(names)
     # The image names itself; the agent reported what it runs.
+    # The host files a stateless node makes at boot: its name, a resolver (Enroot bind-mounts both).
+    assert lab.ssh(first, "cat /etc/hostname; echo; getent ahostsv4 localhost | head -1").split()[:2] == [
+        first["name"], "127.0.0.1"]  # fmt: skip
+    assert lab.ssh(first, "readlink -e /etc/resolv.conf").strip() == "/run/systemd/resolve/stub-resolv.conf"
     release = lab.ssh(first, "cat /etc/provision-release")
     assert release.splitlines()[0] == "PROVISION_IMAGE=compute-debian12"
     version = release.splitlines()[1].split("=")[1]
@@ -236,25 +239,6 @@ def test_faults_are_reported_per_node(compute_image: ImageVersion, tmp_path: Pat
         assert "no DHCP request from 52:54:00:99:ff:03" in lost["hint"]
         assert wrong_mac["mac"] in lost["hint"]  # the machine's real MAC, seen by dnsmasq
         assert lost["console_tail"], "the console tail of the node that never booted"
-    finally:
-        lab.down()
-    assert not Path(f"/run/netns/{lab.netns}").exists()
-
-
-@needs_root
-def test_a_node_boots_and_joins_through_redfish(compute_image: ImageVersion, tmp_path: Path) -> None:
-    """One lab boot through Redfish: sushy-tools' sushy-emulator is the BMC (``lab up --bmc redfish``), HTTPS with
-    the lab's CA, basic auth. It keeps a one-time PXE override as persistent, which ``node boot`` accepts (a stateless
-    node network-boots every time); the node powers on, boots and joins by itself to ``idle``."""
-    lab = Lab(tmp_path, 1, compute_image.path.parents[1], bmc="redfish")
-    try:
-        booted = lab.cli("node", "boot", "--rack", "r1", "--join", "--yes", "--json", "--timeout", "900", timeout=1800)
-        assert booted.returncode == 0, booted.stderr[-5000:]
-        report = json.loads(booted.stdout)
-        print(timeline(report, lab.status["accel"]))
-        assert report["summary"] == {"ok": 1, "failed": 0}
-        assert list(report["nodes"][0]["stages"])[-1] == "joined"
-        assert lab.states() == {"r1n01": "idle"}
     finally:
         lab.down()
     assert not Path(f"/run/netns/{lab.netns}").exists()

@@ -40,13 +40,20 @@ class Lab:
     """A virtual rack for one test; ``down()`` always runs."""
 
     def __init__(
-        self, tmp_path: Path, nodes: int, store: Path, env: dict[str, str] | None = None, bmc: str = "pyghmi"
+        self,
+        tmp_path: Path,
+        nodes: int,
+        store: Path,
+        env: dict[str, str] | None = None,
+        bmc: str = "pyghmi",
+        image: str | None = None,
     ) -> None:
         self.state = tmp_path / "lab"
         self.env = env or {}
         self.netns = f"provtest-{uuid.uuid4().hex[:6]}"
         up = ["lab", "up", "--nodes", str(nodes), "--netns", self.netns, "--state-dir", str(self.state)]
         up += ["--bmc", bmc]  # provision lab up --bmc: pyghmi, openipmi
+        up += ["--image", image] if image else []  # the nodes' image (default: compute-debian12)
         self.status = json.loads(ok(provision(*up, "--image-store", str(store), "--json", env=self.env)).stdout)
         self.inventory = Path(self.status["inventory"])
         self.vault = self.status["vault_password_file"]

@@ -18,6 +18,7 @@ from provision.errors import ImageError
 from provision.image import definition as image_definition
 from provision.image.build import Stage, build, plan
 from provision.image.cache import BootstrapCache
+from provision.image.ccache import CompilerCache
 from provision.image.chroot import isolate_mounts, require_root
 from provision.image.store import ImageStore, ImageVersion
 from provision.inventory import Site
@@ -102,7 +103,7 @@ def image() -> None:
     "--cache-dir",
     type=click.Path(file_okay=False, path_type=Path),
     envvar="PROVISION_CACHE_DIR",
-    help="Bootstrap cache (default: $PROVISION_CACHE_DIR or ~/.cache/provision).",
+    help="Build cache: bootstrap trees and ccache (default: $PROVISION_CACHE_DIR or ~/.cache/provision).",
 )
 @dry_run
 @json_output
@@ -138,7 +139,7 @@ def build_cmd(
     progress = RichProgress(err, app.verbose)
     err.print(f"building [bold]{definition.name}[/] → {image_store.root}")
     try:
-        result = build(definition, image_store, cache=cache, progress=progress)
+        result = build(definition, image_store, cache=cache, ccache=CompilerCache(cache_dir), progress=progress)
     finally:
         progress.close()
     if as_json:

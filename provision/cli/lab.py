@@ -12,7 +12,7 @@ from provision import inventory
 from provision.boot.base import backend_for
 from provision.cli.context import emit_json
 from provision.cli.options import json_output
-from provision.lab.rack import DEFAULT_STATE_DIR, BmcKind, Rack, RackConfig
+from provision.lab.rack import DEFAULT_IMAGE, DEFAULT_STATE_DIR, BmcKind, Rack, RackConfig
 from provision.serve import serve as serve_site
 from provision.serve import stop as stop_site
 
@@ -69,6 +69,12 @@ def lab() -> None:
 @click.option("--network", default="10.99.0.0/24", show_default=True, help="Provisioning subnet (in the namespace).")
 @click.option("--memory", "memory_mib", type=click.IntRange(256), default=1536, show_default=True, help="MiB each.")
 @click.option(
+    "--image",
+    default=DEFAULT_IMAGE,
+    show_default=True,
+    help="The image the machines boot (provision_default_image of the generated inventory).",
+)
+@click.option(
     "--image-store",
     type=click.Path(file_okay=False, path_type=Path),
     help="An existing image store to boot from (provision_image_store; default STATE/site/images).",
@@ -91,6 +97,7 @@ def up(
     netns: str,
     network: str,
     memory_mib: int,
+    image: str,
     image_store: Path | None,
     bmc_kind: str,
     state_dir: Path,
@@ -118,6 +125,7 @@ def up(
         netns=netns,
         network=network,
         memory_mib=memory_mib,
+        image=image,
         image_store=str(image_store.resolve()) if image_store else None,
         bmc=BmcKind(bmc_kind),
     )

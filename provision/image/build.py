@@ -28,6 +28,7 @@ from provision.catalog import PLAYBOOKS_DIR, ROLES_DIR
 from provision.errors import CommandError, ImageError
 from provision.image import kernel, manifest, scan, squashfs
 from provision.image.cache import BootstrapCache
+from provision.image.ccache import CompilerCache
 from provision.image.chroot import Chroot, require_root
 from provision.image.definition import ImageDefinition
 from provision.image.distro import for_definition
@@ -147,12 +148,14 @@ def _signals_raise(run: _Run) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def extravars_for(definition: ImageDefinition) -> dict[str, Any]:
+def extravars_for(definition: ImageDefinition, ccache_dir: str = "") -> dict[str, Any]:
     """The build's own variables (extra vars: nothing may override them)."""
     return {
         "provision_image_build": True,
         "provision_image_name": definition.name,
         "provision_image_roles": list(definition.roles),
+        # The compiler cache inside the chroot (roles that compile use it), or "".
+        "provision_image_ccache_dir": ccache_dir,
     }
 
 
@@ -197,7 +200,7 @@ def plan(definition: ImageDefinition, store: ImageStore, cache: BootstrapCache) 
     }
 
 
-def _apply_roles(definition: ImageDefinition, root: Path, run: _Run) -> str:
+def _apply_roles(definition: ImageDefinition, root: Path, run: _Run, ccache_dir: str) -> str:
     bootstrapper = for_definition(definition)
     undo = bootstrapper.block_services(root)
     try:
@@ -207,7 +210,7 @@ def _apply_roles(definition: ImageDefinition, root: Path, run: _Run) -> str:
         result = run_playbook(
             IMAGE_PLAYBOOK,
             inventory={"all": {"hosts": {"image": hostvars_for(definition, root)}}},
-            extravars=extravars_for(definition),
+            extravars=extravars_for(definition, ccache_dir),
             envvars={"ANSIBLE_PIPELINING": "1"},
             roles_path=[ROLES_DIR],
             on_event=run.progress.task,
@@ -233,12 +236,14 @@ def build(
     store: ImageStore,
     *,
     cache: BootstrapCache | None = None,
+    ccache: CompilerCache | None = None,
     progress: Progress | None = None,
 ) -> BuildResult:
     """Build definition and publish it as a new version in store."""
     require_root()
     run = _Run(progress=progress or NullProgress())
     cache = cache or BootstrapCache()
+    ccache = ccache or CompilerCache()
     bootstrapper = for_definition(definition)
     started = time.monotonic()
     with _signals_raise(run):
@@ -253,8 +258,10 @@ def build(
                 detail.append(f"cache {'hit' if entry.hit else 'miss'} {entry.key[:12]} ({overlay.mode})")
 
             with Chroot(root) as chroot:
-                with run.stage(Stage.ROLES) as detail:
-                    detail.append(_apply_roles(definition, root, run))
+                with run.stage(Stage.ROLES) as detail, ccache.mounted(root) as ccache_dir:
+                    before = ccache.size_bytes()
+                    detail.append(_apply_roles(definition, root, run, ccache_dir))
+                    detail.append(f"(ccache {before / 2**20:.0f} -> {ccache.size_bytes() / 2**20:.0f} MiB)")
                 with run.stage(Stage.INITRAMFS) as detail:
                     kver = kernel.kernel_version(root)
                     kernel.build_initramfs(chroot, definition, kver, out)

@@ -63,6 +63,7 @@ from provision.lab.control import ControlPlane, ControlPlaneConfig, LabNode
 from provision.lab.netns import Netns
 from provision.lab.vbmc import VbmcSpec, free_udp_ports, machine_spec_to_json, read_state, ready_line, serve_process
 from provision.lab.vm import Accel, BootFrom, MachineSpec, Nic, detect_accel
+from provision.names import IMAGE_RULE, is_exact_image_name
 from provision.proc import netns_exists, pid_alive, run
 
 DEFAULT_STATE_DIR = Path(".state/lab")
@@ -124,6 +125,8 @@ class RackConfig:
             raise RackError(f"--rack: {self.rack!r} is not a rack name", hint="use 1-8 lower-case letters/digits")
         if not _NS.match(self.netns):
             raise RackError(f"--netns: {self.netns!r} is not a namespace name", hint="use [A-Za-z0-9_.-], 1-32")
+        if not is_exact_image_name(self.image):
+            raise RackError(f"--image: {self.image!r} is not an image name", hint=IMAGE_RULE)
         try:
             net = netaddr.IPNetwork(self.network)
         except (netaddr.AddrFormatError, ValueError) as exc:

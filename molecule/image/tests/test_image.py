@@ -96,7 +96,7 @@ def test_nvidia_modprobe_config_rendered(host):
 
 def test_enroot_paths_on_local_disk(host):
     conf = host.file("/etc/enroot/enroot.conf").content_string
-    assert f"ENROOT_CACHE_PATH {SCRATCH}/scratch/tmp/enroot/cache/group-$(id -g)" in conf
+    assert "ENROOT_CACHE_PATH /opt/cache/disk/tmp/enroot/cache/group-$(id -g)" in conf
     assert f"ENROOT_DATA_PATH {SCRATCH}/scratch/tmp/enroot/data/user-$(id -u)" in conf
     assert f"ENROOT_TEMP_PATH {SCRATCH}/scratch/tmp" in conf
     assert "ENROOT_RUNTIME_PATH /run/enroot/user-$(id -u)" in conf
@@ -163,3 +163,29 @@ def test_join_agent_installed_enabled_not_run(host):
     quiet = host.run("PROVISION_JOIN_KMSG=/dev/null /usr/libexec/provision/join-agent --once")
     assert quiet.rc == 0, quiet.stderr
     assert "provision: join no join service configured" in quiet.stderr
+
+
+def test_enroot_built_from_the_pinned_source(host):
+    assert host.check_output("enroot version") == "4.1.2"
+    assert not host.package("enroot").is_installed and not host.package("enroot-hardened").is_installed
+    for build_dep in ("musl-tools", "linux-libc-dev", "makeself"):
+        assert host.package(build_dep).is_installed, build_dep
+    caps = host.check_output("getcap /usr/bin/enroot-aufs2ovlfs /usr/bin/enroot-mksquashovlfs")
+    assert "cap_sys_admin,cap_mknod=ep" in caps and "cap_sys_admin=ep" in caps
+    ldd = host.run("ldd /usr/bin/enroot-nsenter")  # static (musl): no interpreter, no libraries
+    assert "statically linked" in ldd.stdout or "not a dynamic executable" in ldd.stderr, ldd
+    assert not host.file("/var/cache/provision/enroot").exists
+
+
+def test_pyxis_plugin_and_plugstack_entry(host):
+    plugin = "/usr/lib/x86_64-linux-gnu/slurm-wlm/spank_pyxis.so"
+    assert host.file(plugin).mode == 0o644
+    assert host.file("/usr/share/pyxis/VERSION").content_string.split()[0] == "0.24.0"
+    assert host.file("/etc/slurm/plugstack.conf.d/pyxis.conf").content_string.splitlines()[-1] == (
+        f"required {plugin} runtime_path=/run/pyxis"
+    )
+    assert "include /etc/slurm/plugstack.conf.d/*.conf" in host.file("/etc/slurm/plugstack.conf").content_string
+    # The node's own srun loads the plugin (plugstack.conf beside a minimal slurm.conf).
+    conf = "ClusterName=t;SlurmctldHost=localhost;PlugStackConfig=/etc/slurm/plugstack.conf;NodeName=n1 CPUs=1"
+    host.run_expect([0], f"echo '{conf}' | tr ';' '\\n' > /tmp/pyxis-slurm.conf")
+    assert "--container-image" in host.check_output("SLURM_CONF=/tmp/pyxis-slurm.conf srun --help")
