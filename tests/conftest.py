@@ -103,6 +103,13 @@ def build_image(name: str, store: Path) -> dict[str, Any]:
     return report
 
 
+def published(name: str, report: dict[str, Any], store: Path) -> ImageVersion:
+    """The version a build report names, from the store, its checksums verified."""
+    image = ImageStore(store).get(name, report["version"])
+    image.verify()
+    return image
+
+
 @pytest.fixture(scope="session")
 def base_image_build(image_store_dir: Path) -> dict[str, Any]:
     """The --json report of the one real build of base-debian12 in this run."""
@@ -112,9 +119,7 @@ def base_image_build(image_store_dir: Path) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def base_image(base_image_build: dict[str, Any], image_store_dir: Path) -> ImageVersion:
     """The published base-debian12 (ImageVersion: .kernel, .initrd, .squashfs, .manifest)."""
-    image = ImageStore(image_store_dir).get(BASE_IMAGE, base_image_build["version"])
-    image.verify()
-    return image
+    return published(BASE_IMAGE, base_image_build, image_store_dir)
 
 
 COMPUTE_IMAGE = "compute-debian12"
@@ -123,10 +128,7 @@ COMPUTE_IMAGE = "compute-debian12"
 @pytest.fixture(scope="session")
 def compute_image(image_store_dir: Path) -> ImageVersion:
     """compute-debian12 with every compute role, built once per run."""
-    report = build_image(COMPUTE_IMAGE, image_store_dir)
-    image = ImageStore(image_store_dir).get(COMPUTE_IMAGE, report["version"])
-    image.verify()
-    return image
+    return published(COMPUTE_IMAGE, build_image(COMPUTE_IMAGE, image_store_dir), image_store_dir)
 
 
 GPU_IMAGE = "compute-gpu-debian12"
@@ -141,9 +143,7 @@ def gpu_image_build(image_store_dir: Path) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def gpu_image(gpu_image_build: dict[str, Any], image_store_dir: Path) -> ImageVersion:
     """compute-gpu-debian12: compute-debian12 plus the NVIDIA driver, Enroot and Pyxis installed."""
-    image = ImageStore(image_store_dir).get(GPU_IMAGE, gpu_image_build["version"])
-    image.verify()
-    return image
+    return published(GPU_IMAGE, gpu_image_build, image_store_dir)
 
 
 @contextmanager

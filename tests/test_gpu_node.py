@@ -19,17 +19,15 @@ which the lab has not.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import GPU_IMAGE
-from vmlab import Lab, needs_root, timeline
+from vmlab import SharedRack, needs_root, timeline
 
 from provision.image.store import ImageVersion
 
@@ -70,52 +68,20 @@ def make_container(tmp_path: Path) -> Path:
     return image
 
 
-def copy_to_node(lab: Lab, node: dict[str, Any], source: Path, dest: str) -> None:
-    """Stream a file to the node over the pinned-key SSH connection."""
-    argv = [
-        "ip", "netns", "exec", lab.netns, "ssh", "-i", str(lab.state / "secrets" / "ssh" / "id_ed25519"),
-        "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-        "-o", f"UserKnownHostsFile={lab.state / 'site' / 'known_hosts' / node['name']}",
-        "-o", f"HostKeyAlias={node['name']}", f"root@{node['ip']}", f"cat > {dest}",
-    ]  # fmt: skip
-    with source.open("rb") as stdin:
-        result = subprocess.run(argv, stdin=stdin, capture_output=True, timeout=120)
-    assert result.returncode == 0, result.stderr.decode(errors="replace")
-
-
-class GpuNode:
-    """The module's one-node rack on compute-gpu-debian12 behind a Redfish BMC; booted once, by the first test."""
-
-    def __init__(self, root: Path, store: Path) -> None:
-        self.lab = Lab(root, 1, store, bmc="redfish", image=GPU_IMAGE)
-        self.node: dict[str, Any] = self.lab.status["nodes"][0]
-        self.booted: subprocess.CompletedProcess[str] | None = None
-
-    def boot(self) -> dict[str, Any]:
-        if self.booted is None:
-            self.booted = self.lab.cli(
-                "node", "boot", "--rack", "r1", "--join", "--yes", "--json", "--timeout", "900", timeout=1800
-            )  # fmt: skip
-        assert self.booted.returncode == 0, self.booted.stderr[-5000:]
-        report: dict[str, Any] = json.loads(self.booted.stdout)
-        return report
-
-
 @pytest.fixture(scope="module")
-def gpu_node(gpu_image: ImageVersion, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpuNode]:
+def gpu_node(gpu_image: ImageVersion, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedRack]:
+    """The module's one-node rack on compute-gpu-debian12 behind a Redfish BMC; booted once, by the first test."""
     if os.geteuid() != 0:
         pytest.fail("namespaces, taps and QEMU need root; CI runs the suite as root")
-    rack = GpuNode(tmp_path_factory.mktemp("gpu-node"), gpu_image.path.parents[1])
+    rack = SharedRack(tmp_path_factory.mktemp("gpu-node"), gpu_image.path.parents[1], 1, "redfish", GPU_IMAGE)
     try:
         yield rack
     finally:
-        rack.lab.down()
-    assert not Path(f"/run/netns/{rack.lab.netns}").exists()
-    assert not rack.lab.state.exists()
+        rack.down()
 
 
 @needs_root
-def test_a_node_boots_and_joins_through_redfish(gpu_node: GpuNode) -> None:
+def test_a_node_boots_and_joins_through_redfish(gpu_node: SharedRack) -> None:
     """Power, PXE and power-on through Redfish; the node joins by itself to ``idle``."""
     report = gpu_node.boot()
     print(timeline(report, gpu_node.lab.status["accel"]))
@@ -126,10 +92,11 @@ def test_a_node_boots_and_joins_through_redfish(gpu_node: GpuNode) -> None:
 
 
 @needs_root
-def test_srun_container_image_on_a_joined_node(gpu_node: GpuNode, tmp_path: Path) -> None:
+def test_srun_container_image_on_a_joined_node(gpu_node: SharedRack, tmp_path: Path) -> None:
     image = make_container(tmp_path)
     gpu_node.boot()
-    lab, node = gpu_node.lab, gpu_node.node
+    lab = gpu_node.lab
+    node = lab.status["nodes"][0]
     assert lab.ssh(node, "sinfo -h -N -o %T").split() == ["idle"]
 
     # The driver: built for the kernel the node runs (vermagic), not loadable without a GPU.
@@ -141,7 +108,7 @@ def test_srun_container_image_on_a_joined_node(gpu_node: GpuNode, tmp_path: Path
     assert lab.ssh(node, "systemctl is-enabled nvidia-persistenced").strip() == "enabled"
 
     sqsh = "/mnt/disk/scratch/tmp/provtest.sqsh"
-    copy_to_node(lab, node, image, sqsh)
+    lab.copy(node, image, sqsh)
     out = lab.ssh(node, f"srun --container-image={sqsh} --container-name=provtest cat /etc/os-release")
     assert 'NAME="Provision Test Container"' in out and "ID=provtest" in out, out
     # The job ran in the container, not on the node (Debian there).

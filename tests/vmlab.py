@@ -67,28 +67,37 @@ class Lab:
         binary = self.state / "control" / "bin" / tool
         return subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=120, check=True).stdout
 
-    def ssh(self, node: dict[str, Any], command: str, stdin: str | None = None) -> str:
-        """Run on a node with the pinned host key (StrictHostKeyChecking=yes)."""
+    def _ssh(self, node: dict[str, Any], known_hosts: Path | None, command: str) -> list[str]:
+        """ssh argv: the pinned host key (known_hosts None), else a fresh file accepting the first key (test only)."""
+        pinned = known_hosts is None
+        hosts = self.state / "site" / "known_hosts" / node["name"] if pinned else known_hosts
         argv = [
             "ip", "netns", "exec", self.netns, "ssh", "-i", str(self.state / "secrets" / "ssh" / "id_ed25519"),
-            "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-            "-o", f"UserKnownHostsFile={self.state / 'site' / 'known_hosts' / node['name']}",
-            "-o", f"HostKeyAlias={node['name']}", f"root@{node['ip']}", command,
+            "-o", "BatchMode=yes", "-o", f"StrictHostKeyChecking={'yes' if pinned else 'accept-new'}",
+            "-o", f"UserKnownHostsFile={hosts}",
         ]  # fmt: skip
+        return [*argv, *(["-o", f"HostKeyAlias={node['name']}"] if pinned else []), f"root@{node['ip']}", command]
+
+    def _run(self, node: dict[str, Any], argv: list[str], stdin: str | None) -> str:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=60, input=stdin)
-        assert result.returncode == 0, f"{node['name']}: {command}: {result.stderr}"
+        assert result.returncode == 0, f"{node['name']}: {argv[-1]}: {result.stderr}"
         return result.stdout
+
+    def ssh(self, node: dict[str, Any], command: str, stdin: str | None = None) -> str:
+        """Run on a node with the pinned host key (StrictHostKeyChecking=yes)."""
+        return self._run(node, self._ssh(node, None, command), stdin)
 
     def ssh_new(self, node: dict[str, Any], command: str, known_hosts: Path, stdin: str | None = None) -> str:
         """Run on a node after a reboot nobody pinned (a fresh known_hosts file: test only)."""
-        argv = [
-            "ip", "netns", "exec", self.netns, "ssh", "-i", str(self.state / "secrets" / "ssh" / "id_ed25519"),
-            "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=accept-new",
-            "-o", f"UserKnownHostsFile={known_hosts}", f"root@{node['ip']}", command,
-        ]  # fmt: skip
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, input=stdin)
-        assert result.returncode == 0, f"{node['name']}: {command}: {result.stderr}"
-        return result.stdout
+        return self._run(node, self._ssh(node, known_hosts, command), stdin)
+
+    def copy(self, node: dict[str, Any], source: Path, dest: str) -> None:
+        """Stream a file to the node over the pinned-key SSH connection."""
+        with source.open("rb") as stdin:
+            result = subprocess.run(
+                self._ssh(node, None, f"cat > {dest}"), stdin=stdin, capture_output=True, timeout=120
+            )
+        assert result.returncode == 0, result.stderr.decode(errors="replace")
 
     def join_status(self) -> dict[str, Any]:
         """The join service's view of each node (provision boot status --json)."""
@@ -133,13 +142,15 @@ def timeline(report: dict[str, Any], accel: str) -> str:
 
 
 class SharedRack:
-    """One 3-node rack for the run's scenarios; booted and joined by the first that needs it."""
+    """A rack the scenarios of a run (or a module) share; booted and joined by the first that needs it.
 
-    NODES = 3
+    The run's 3-node rack on compute-debian12 (conftest ``shared_rack``) and the GPU module's one node behind
+    Redfish (tests/test_gpu_node.py) are both one.
+    """
 
-    def __init__(self, root: Path, store: Path) -> None:
+    def __init__(self, root: Path, store: Path, nodes: int = 3, bmc: str = "pyghmi", image: str | None = None) -> None:
         self.store = store
-        self.lab = Lab(root, self.NODES, store)
+        self.lab = Lab(root, nodes, store, bmc=bmc, image=image)
         self.report: dict[str, Any] | None = None
         self.boot_result: subprocess.CompletedProcess[str] | None = None
 
