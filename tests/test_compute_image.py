@@ -91,7 +91,14 @@ def test_join_units_are_ordered_for_one_restart(rootfs: Path) -> None:
                     words |= set(line.split("=", 1)[1].split())
         return words
 
-    assert {"munge.service", "sssd.service"} <= ordering("slurmd.service", "After")
+    assert {"munge.service", "sssd.service", "sssd-nss.socket"} <= ordering("slurmd.service", "After")
+    # sssd is ready once its monitor and backend are: the nss and pam responders start on first use through
+    # their sockets, which sssd.service pulls in (and no other responder's); no services line to start them first.
+    wants = rootfs / "etc/systemd/system/sssd.service.wants"
+    assert {p.name for p in wants.iterdir()} == {"sssd-nss.socket", "sssd-pam.socket", "sssd-pam-priv.socket"}
+    assert not [
+        line for line in (rootfs / "etc/sssd/sssd.conf").read_text().splitlines() if line.startswith("services")
+    ]
     assert "slurmd.service" in ordering("wg-quick@wg0.service", "Before")
 
 

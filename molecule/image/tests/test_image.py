@@ -72,6 +72,12 @@ def test_sssd_config_valid_and_private(host):
     assert "ldap_default_bind_dn = cn=reader,dc=example,dc=org" in conf.content_string
     assert "Issues identified by validators: 0" in host.check_output("sssctl config-check")
     assert host.service("sssd").is_enabled
+    # The responders start on first use (socket activation), not with sssd: no services line.
+    assert "services =" not in conf.content_string
+    for socket in ("sssd-nss.socket", "sssd-pam.socket"):
+        assert host.run(f"systemctl is-enabled {socket}").stdout.strip() == "enabled", socket
+    for socket in ("sssd-sudo.socket", "sssd-ssh.socket", "sssd-autofs.socket", "sssd-pac.socket"):
+        assert host.run(f"systemctl is-enabled {socket}").stdout.strip() == "disabled", socket
     assert "pam_mkhomedir" in host.file("/etc/pam.d/common-session").content_string
 
 
