@@ -73,7 +73,9 @@ def gpu_node(gpu_image: ImageVersion, tmp_path_factory: pytest.TempPathFactory) 
     """The module's one-node rack on compute-gpu-debian12 behind a Redfish BMC; booted once, by the first test."""
     if os.geteuid() != 0:
         pytest.fail("namespaces, taps and QEMU need root; CI runs the suite as root")
-    rack = SharedRack(tmp_path_factory.mktemp("gpu-node"), gpu_image.path.parents[1], 1, "redfish", GPU_IMAGE)
+    rack = SharedRack(
+        tmp_path_factory.mktemp("gpu-node"), gpu_image.path.parents[1], nodes=1, bmc="redfish", image=GPU_IMAGE
+    )
     try:
         yield rack
     finally:
