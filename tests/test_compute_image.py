@@ -96,6 +96,13 @@ def test_join_units_are_ordered_for_one_restart(rootfs: Path) -> None:
     # their sockets, which sssd.service pulls in (and no other responder's); no services line to start them first.
     wants = rootfs / "etc/systemd/system/sssd.service.wants"
     assert {p.name for p in wants.iterdir()} == {"sssd-nss.socket", "sssd-pam.socket", "sssd-pam-priv.socket"}
+    # Without a services line the package's check before each socket always passes: reset, one process less
+    # before the nss socket slurmd waits for; no other socket has the drop-in.
+    for socket in ("sssd-nss.socket", "sssd-pam.socket", "sssd-pam-priv.socket"):
+        dropin = (rootfs / f"etc/systemd/system/{socket}.d/provision-no-check.conf").read_text().splitlines()
+        assert dropin[-2:] == ["[Socket]", "ExecStartPre="], socket
+    assert sorted(p.parent.name for p in (rootfs / "etc/systemd/system").glob("*/provision-no-check.conf")) == [
+        "sssd-nss.socket.d", "sssd-pam-priv.socket.d", "sssd-pam.socket.d"]  # fmt: skip
     assert not [
         line for line in (rootfs / "etc/sssd/sssd.conf").read_text().splitlines() if line.startswith("services")
     ]

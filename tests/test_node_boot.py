@@ -126,6 +126,11 @@ def test_nodes_join_by_themselves_at_every_boot(shared_rack: SharedRack, tmp_pat
     # What the agent installed, with the right owners and modes; PMIx, SSSD/LDAP, the local disk.
     assert sorted(lab.ssh(first, f"srun --mpi=pmix -N{len(names)} hostname").split()) == sorted(names)
     assert lab.ssh(first, "getent passwd labuser").startswith("labuser:")
+    # The nss socket that answered started without the package's services-line check (roles/sssd's drop-in).
+    socket = lab.ssh(
+        first, "systemctl show -p ExecStartPre --value sssd-nss.socket; systemctl is-active sssd-nss.socket"
+    )
+    assert socket.split() == ["active"], socket
     cache = ("/opt/cache/shared", "/opt/cache/persistent", "/opt/cache/world-tmp")
     modes = lab.ssh(first, "stat -c '%n %a' " + " ".join(cache)).split()
     assert modes == [word for path in cache for word in (path, "1777")]

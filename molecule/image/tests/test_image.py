@@ -76,6 +76,12 @@ def test_sssd_config_valid_and_private(host):
     assert "services =" not in conf.content_string
     for socket in ("sssd-nss.socket", "sssd-pam.socket"):
         assert host.run(f"systemctl is-enabled {socket}").stdout.strip() == "enabled", socket
+    # sssd.conf has no services line: the package's check before each socket is reset (roles/sssd).
+    for socket in ("sssd-nss.socket", "sssd-pam.socket", "sssd-pam-priv.socket"):
+        dropin = host.file(f"/etc/systemd/system/{socket}.d/provision-no-check.conf")
+        assert dropin.content_string.splitlines()[-2:] == ["[Socket]", "ExecStartPre="], socket
+    for socket in ("sssd-sudo.socket", "sssd-ssh.socket", "sssd-autofs.socket", "sssd-pac.socket"):
+        assert not host.file(f"/etc/systemd/system/{socket}.d/provision-no-check.conf").exists, socket
     for socket in ("sssd-sudo.socket", "sssd-ssh.socket", "sssd-autofs.socket", "sssd-pac.socket"):
         assert host.run(f"systemctl is-enabled {socket}").stdout.strip() == "disabled", socket
     assert "pam_mkhomedir" in host.file("/etc/pam.d/common-session").content_string
