@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +21,24 @@ from provision.image.store import ImageStore, ImageVersion
 F = TypeVar("F", bound=Callable[..., Any])
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_INVENTORY = PROJECT_ROOT / "inventory" / "example"
+_OWN_BASETEMP = pytest.StashKey[Path]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Each session's temporary directories in a base of their own (unless --basetemp names one): pytest makes
+    its shared /tmp/pytest-of-USER 0700 whenever another session starts, and the boot servers' unprivileged
+    workers could then no longer reach a running test's web root. Kept when a test fails."""
+    if config.option.basetemp is None:
+        base = Path(tempfile.mkdtemp(prefix="provision-tests-"))
+        config.stash[_OWN_BASETEMP] = base
+        config.option.basetemp = str(base)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    base = session.config.stash.get(_OWN_BASETEMP, None)
+    if base is not None and exitstatus == 0:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def requires(available: bool, why: str) -> Callable[[F], F]:
@@ -163,14 +183,11 @@ def mounted_squashfs(squashfs: Path, mountpoint: Path) -> Iterator[Path]:
 def shared_rack(compute_image: ImageVersion, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The run's one 3-node virtual rack on compute-debian12 (tests/vmlab.py), for the scenarios that share it;
     ``lab down`` at the end of the run must leave nothing behind."""
-    import shutil
-    import tempfile
-
     from image_versions import private_store
     from vmlab import SharedRack
 
-    # Outside pytest's base directory: another pytest session on this machine makes that 0700 again, and the
-    # boot server's unprivileged workers could no longer reach the rack's web root. In the same temporary
+    # Outside pytest's base directory (a --basetemp may name one another session resets to 0700, and the boot
+    # server's unprivileged workers could no longer reach the rack's web root). In the same temporary
     # directory as pytest's (one filesystem: the private store is hard links).
     root = Path(tempfile.mkdtemp(prefix="provision-rack-"))
     root.chmod(0o755)

@@ -260,7 +260,7 @@ def service_and_agent(
     services.append(service)
     script, _ = render_agent(tmp_path / "libexec", **overrides)
     root = tmp_path / "root"
-    root.mkdir()
+    (root / "etc").mkdir(parents=True)  # the agent stages each bundle in the target's /etc
     return service, script, root
 
 
@@ -523,7 +523,6 @@ def test_agent_reports_its_release_and_a_service_that_does_not_start(
     node.print_boot()
     service, script, root = service_and_agent(lab, tmp_path, services)
     url = service.start()
-    (root / "etc").mkdir()
     write_release(root, "compute-debian12", "20261202-101010")
     agent = Agent(script, url, node, root, failing=("slurmd",))
     agent.wait_for("provision: join reported failed (compute-debian12/20261202-101010)", timeout=60)
@@ -581,6 +580,7 @@ def make_tar(files: dict[str, bytes], manifest: dict[str, object], links: dict[s
         for name, data in [(MANIFEST_MEMBER, json.dumps(manifest).encode()), *files.items()]:
             info = tarfile.TarInfo(name)
             info.size, info.mode = len(data), 0o600
+            info.uname = info.gname = "root"
             tar.addfile(info, io.BytesIO(data))
         for name, target in (links or {}).items():
             info = tarfile.TarInfo(name)
@@ -681,7 +681,23 @@ def test_agent_refuses_foreign_paths(lab: Lab, node: NodeBoot, tmp_path: Path, s
                     {"etc/../root/x": b"x\n"},
                     {"files": [{"path": "/etc/../root/x", "owner": "root", "group": "root", "mode": "0600"}]},
                 ),
-                'manifest: refusing path "/etc/../root/x"',
+                'refusing bundle member "etc/../root/x"',  # before anything is unpacked
+            ),
+            "dotdot-manifest": (
+                make_tar(
+                    {"etc/provision-test/hello": b"x\n"},
+                    {
+                        "files": [
+                            {
+                                "path": "/etc/../etc/provision-test/hello",
+                                "owner": "root",
+                                "group": "root",
+                                "mode": "0600",
+                            }
+                        ]
+                    },
+                ),
+                'manifest: refusing path "/etc/../etc/provision-test/hello"',
             ),
         }
         hello = manifest["files"][0]  # type: ignore[index]
@@ -697,14 +713,21 @@ def test_agent_refuses_foreign_paths(lab: Lab, node: NodeBoot, tmp_path: Path, s
                         'manifest: bad service name "munge;reboot"'),
             "symlink": (make_tar({}, manifest, links={"etc/provision-test/hello": "/etc/shadow"}),
                         'refusing bundle member "etc/provision-test/hello -> /etc/shadow"'),
+            # The member as tar unpacks it (0600) is not what the manifest says (0640).
+            "header": (make_tar({"etc/provision-test/hello": b"x\n"}, manifest),
+                       "bundle member etc/provision-test/hello is root/root -rw-------, the manifest says root:root 0640"),
+            # tar would give a file of an unknown owner to root.
+            "owner": (make_tar({"etc/provision-test/hello": b"x\n"},
+                               {"files": [{**hello, "owner": "provision-nobody", "mode": "0600"}]}),
+                      "manifest: provision-nobody:root for /etc/provision-test/hello is not a local user and group"),
         }  # fmt: skip
         for case, (tar, why) in cases.items():
             scratch = tmp_path / f"root-{case}"
-            scratch.mkdir()
+            (scratch / "etc").mkdir(parents=True)
             tampered.tar = tar
             refused = run_agent(script, tampered.url, node, scratch, "--once")
             assert refused.returncode == 1, (case, refused.stderr)
             assert why in refused.stderr, (case, refused.stderr)
-            assert list(scratch.rglob("*")) == [], case
+            assert list(scratch.rglob("*")) == [scratch / "etc"], case  # the staging directory is gone too
     finally:
         tampered.close()

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,7 +33,7 @@ import pytest
 from provision import inventory
 from provision.inventory import Site
 from provision.service import JoinService, join_message, read_status, report_message
-from provision.service.bundle import MANIFEST_MEMBER
+from provision.service.bundle import MANIFEST_MEMBER, BundleError, read_manifest
 from tests.conftest import requires
 
 pytestmark = pytest.mark.integration
@@ -491,3 +492,23 @@ def test_a_restart_forgets_nothing(lab: tuple[Site, Path], nodes: dict[str, Fake
     serve(site, second_run)
     r1 = refusals(site, "r1n01")
     assert any("source address" in r for r in r1) and any("earlier boot" in r for r in r1)
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        ({"path": "/root/.ssh/authorized_keys"}, "is outside /etc and /var/lib"),
+        ({"path": "/etc/../root/x"}, "is not a normalized absolute path"),
+        ({"mode": "4755"}, "mode '4755' is not an octal permission"),  # the agent sets no setuid bit
+        ({"mode": "0x77"}, "mode '0x77' is not an octal permission"),
+        ({"owner": "root;x"}, "bad owner or group"),
+    ],
+)
+def test_the_service_packs_no_manifest_the_agent_would_refuse(tmp_path: Path, entry: dict[str, str], why: str) -> None:
+    manifest = tmp_path / "manifest.json"
+    good = {"path": "/etc/munge/munge.key", "owner": "munge", "group": "munge", "mode": "0400"}
+    manifest.write_text(json.dumps({"files": [good], "services": ["munge"]}))
+    assert read_manifest(manifest).files[0].mode == 0o400
+    manifest.write_text(json.dumps({"files": [{**good, **entry}], "services": ["munge"]}))
+    with pytest.raises(BundleError, match=re.escape(why)):
+        read_manifest(manifest)

@@ -173,7 +173,7 @@ def test_the_agent_joins_with_its_boot_token(tmp_path: Path) -> None:
     script, _ = render_agent(tmp_path / "libexec")
     node = NodeBoot(tmp_path / "no-console.log", make_key(tmp_path / "ssh_host_ed25519_key"))
     root = tmp_path / "root"
-    root.mkdir()
+    (root / "etc").mkdir(parents=True)  # the agent stages the bundle in the target's /etc
 
     async def main() -> subprocess.CompletedProcess[str]:
         service = JoinService.from_site(site)

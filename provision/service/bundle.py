@@ -81,8 +81,12 @@ def _file_entry(manifest: Path, entry: dict[str, object]) -> BundleFile:
         isinstance(owner, str) and _ACCOUNT.fullmatch(owner) and isinstance(group, str) and _ACCOUNT.fullmatch(group)
     ):
         raise BundleError(f"{manifest}: {raw_path}: bad owner or group", hint="write user and group names")
-    if not (isinstance(mode, str) and re.fullmatch(r"0?[0-7]{3,4}", mode)):
-        raise BundleError(f"{manifest}: {raw_path}: mode {mode!r} is not octal", hint='write e.g. "0400"')
+    if not (isinstance(mode, str) and re.fullmatch(r"0?[0-7]{3}", mode)):
+        # The agent unpacks the tar with exactly these permissions.
+        raise BundleError(
+            f"{manifest}: {raw_path}: mode {mode!r} is not an octal permission",
+            hint='write e.g. "0400" (no setuid, setgid or sticky bit)',
+        )
     return BundleFile(raw_path, owner, group, int(mode, 8))
 
 
