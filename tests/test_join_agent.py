@@ -417,9 +417,14 @@ def test_agent_installs_the_rendered_bundle(
     node.print_boot()
     service, script, root = service_and_agent(lab, tmp_path, services)
     url = service.start()
+    # What an agent killed mid-join left in this boot: removed before anything else.
+    for left in (tmp_path / "run/provision-join.Kil1ed", root / "etc/.provision-join.Kil1ed"):
+        left.mkdir(parents=True)
+        (left / "bundle.tar").write_text("plaintext")
 
     proc = run_agent(script, url, node, root, "--once")
     assert proc.returncode == 0, proc.stderr
+    assert not [p for p in (root / "etc").iterdir() if p.name.startswith(".provision-join")]
     manifest = assert_installed(lab.bundles / NODE, root)
     services_list = manifest["services"]
     assert isinstance(services_list, list) and services_list
